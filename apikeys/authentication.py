@@ -1,0 +1,41 @@
+"""Bearer-key authentication, DRF-shaped (authenticate / authenticate_header)."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from rest_framework.authentication import BaseAuthentication
+
+from apikeys import selectors
+from apikeys.keys import PresentedKey, parse_key
+from apikeys.models import ApiKey
+
+
+def presented_key(request: HttpRequest) -> PresentedKey:
+    """The key from `Authorization: Bearer <key>`, checked for form only (no database):
+    a missing header, another scheme or a malformed key is a 401 at once."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if not header:
+        raise selectors.unauthorized("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer":
+        raise selectors.unauthorized(
+            "invalid_authorization_header", "The Authorization header must use the Bearer scheme."
+        )
+    credentials = credentials.strip()
+    if not credentials:
+        raise selectors.unauthorized("missing_api_key", "The Bearer header carries no API key.")
+    presented = parse_key(credentials)
+    if presented is None:
+        raise selectors.unauthorized("invalid_api_key", "Incorrect API key provided.")
+    return presented
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    """For reads that consume no call (job status, usage): verifies the key only."""
+
+    def authenticate(self, request) -> tuple[ApiKey, ApiKey]:
+        api_key = selectors.verified_key(presented_key(request))
+        return api_key, api_key
+
+    def authenticate_header(self, request) -> str:
+        return "Bearer"

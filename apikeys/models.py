@@ -1,0 +1,70 @@
+"""Who may call: one row per API key."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+from apikeys import keys
+
+
+class ApiKeyManager(models.Manager):
+    def issue(self, name: str, **fields) -> tuple[ApiKey, str]:
+        """Create a key and return it with its plaintext, which is never stored or
+        shown again."""
+        credentials = keys.new_credentials()
+        api_key = self.create(name=name, prefix=credentials.prefix, secret_hash=credentials.secret_hash, **fields)
+        return api_key, credentials.plaintext
+
+
+class ApiKey(models.Model):
+    name = models.CharField(max_length=200)
+    owner_email = models.EmailField(blank=True)
+    note = models.TextField(blank=True)
+    prefix = models.CharField(max_length=keys.PREFIX_LENGTH, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    valid_from = models.DateTimeField(null=True, blank=True, help_text="Empty: valid at once.")
+    valid_until = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    max_calls = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: unlimited. 0 means no calls at all."
+    )
+    calls_used = models.IntegerField(default=0)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    allowed_models = models.JSONField(
+        default=list, blank=True, help_text='Model names this key may use, e.g. ["echo"]. Empty: all.'
+    )
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiKeyManager()
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix})"
+
+    # DRF treats the authenticated principal as a user.
+    is_authenticated = True
+
+    @property
+    def calls_left(self) -> int | None:
+        if self.max_calls is None:
+            return None
+        return max(self.max_calls - self.calls_used, 0)
+
+    def may_use(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+    def status(self, now=None) -> str:
+        now = now or timezone.now()
+        if self.revoked_at:
+            return "revoked"
+        if self.valid_from and now < self.valid_from:
+            return "not yet valid"
+        if self.valid_until and now >= self.valid_until:
+            return "expired"
+        if self.max_calls is not None and self.calls_used >= self.max_calls:
+            return "quota used"
+        return "active"

@@ -1,0 +1,320 @@
+"""The one settings loader: a TOML file, environment overrides for secrets, and the
+embedded default when no file exists.
+
+It is read before Django is set up (settings import it) and by the `serve` and
+`runworker` commands, so it depends on nothing but the standard library. A broken
+file fails at start with the file, the key and the reason, never later at request time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "DJANGO_LLM_API_CONFIG"
+DATA_DIR_ENV = "DJANGO_LLM_API_DATA_DIR"
+DEFAULT_CONFIG_PATH = "~/.djangollmapi"
+DEFAULT_DATA_DIR = "~/.local/share/djangollmapi"
+
+DEVICE_PATTERN = re.compile(r"^(cpu(:\d+)?|cuda:\d+|mps)$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
+
+DEMO_MODEL_DIR = "smollm2-135m-instruct"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as `file: key: reason`."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source, self.key, self.reason = source, key, reason
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_workers: int = 2
+    web_threads: int = 32
+    secret_key: str = ""
+    debug: bool = False
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")
+    default_model: str = ""
+    max_body_bytes: int = 1_048_576
+    max_input_chars: int = 100_000
+    job_timeout_s: float = 120.0
+    max_queue_depth: int = 1000
+    store_payloads: bool = True
+    # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.
+    https: bool = False
+    hsts_seconds: int = 0
+    hsts_include_subdomains: bool = False
+    hsts_preload: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    preload: bool = True
+    # Hard limit for one job in the worker; the visibility timeout is set above it.
+    time_limit_s: float = 600.0
+    heartbeat_s: float = 2.0
+    # How long a (re)started pool process may take to load its models before Celery
+    # gives up on it; Celery's own 4 s would kill a GPU model's load in a loop.
+    load_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    algorithm: str
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    source: str
+    server: ServerConfig
+    worker: WorkerConfig
+    deployments: tuple[Deployment, ...]
+    database_url: str = ""
+    redis_url: str = ""
+
+    @property
+    def models_dir(self) -> Path:
+        return self.server.data_dir / "models"
+
+    @property
+    def embedded_redis(self) -> bool:
+        """True when no Redis URL is configured: `serve` then starts one on a socket."""
+        return not self.redis_url
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.server.data_dir / "redis.sock"
+
+    @property
+    def redis_client_url(self) -> str:
+        """The URL redis-py connects to: the configured one or the embedded socket."""
+        return self.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def broker_url(self) -> str:
+        """The same server spelled for kombu, which names unix sockets differently."""
+        if self.redis_url.startswith("unix://"):
+            return "redis+socket://" + self.redis_url.removeprefix("unix://")
+        return self.redis_url or f"redis+socket://{self.redis_socket}"
+
+    @property
+    def devices(self) -> list[str]:
+        """Each device once, in config order: one queue and one worker each."""
+        return list(dict.fromkeys(d.device for d in self.deployments))
+
+    def deployment(self, name: str) -> Deployment | None:
+        return next((d for d in self.deployments if d.name == name), None)
+
+    def job_timeout_for(self, deployment: Deployment) -> float:
+        return deployment.timeout_s or self.server.job_timeout_s
+
+
+def default_deployments() -> list[dict[str, Any]]:
+    """The embedded default: the SmolLM2 demo model and echo, both on the CPU."""
+    return [
+        {
+            "name": "smollm2",
+            "algorithm": "algorithms.transformers_lm:TextGeneration",
+            "device": "cpu",
+            "options": {"model_path": DEMO_MODEL_DIR, "max_new_tokens": 64},
+        },
+        {"name": "echo", "algorithm": "algorithms.echo:Echo", "device": "cpu"},
+    ]
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH).expanduser()
+
+
+def load_config(path: Path | None = None) -> LLMConfig:
+    """Read the config in force: `path`, else `$DJANGO_LLM_API_CONFIG`, else the default."""
+    path = path or config_path()
+    explicit = path != Path(DEFAULT_CONFIG_PATH).expanduser()
+    if path.exists():
+        raw = read_toml(path)
+        source = str(path)
+    elif explicit:
+        raise ConfigError(str(path), "-", "file not found (set by $" + CONFIG_ENV + ")")
+    else:
+        raw, source = {}, "<embedded default>"
+    return parse_config(raw, source, base_dir=path.parent)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "-", f"not valid TOML ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), "-", f"cannot read ({exc.strerror})") from exc
+
+
+def parse_config(raw: dict[str, Any], source: str, base_dir: Path) -> LLMConfig:
+    """Validate the parsed TOML into typed config; every error names its key."""
+    check_known_keys(raw, {"server", "worker", "database", "redis", "deployments"}, source, "")
+    server = parse_server(table(raw, "server", source), source, base_dir)
+    worker = parse_worker(table(raw, "worker", source), source)
+    database = table(raw, "database", source)
+    redis = table(raw, "redis", source)
+    check_known_keys(database, {"url"}, source, "database.")
+    check_known_keys(redis, {"url"}, source, "redis.")
+    entries = raw.get("deployments")
+    if entries is None:
+        entries = default_deployments()
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(source, "deployments", "must be a non-empty array of tables")
+    models_dir = server.data_dir / "models"
+    deployments = tuple(parse_deployment(entry, index, source, models_dir) for index, entry in enumerate(entries))
+    check_unique_names(deployments, source)
+    if not server.default_model:
+        server = replace_default_model(server, deployments[0].name)
+    elif not any(d.name == server.default_model for d in deployments):
+        raise ConfigError(source, "server.default_model", f"no deployment named {server.default_model!r}")
+    return LLMConfig(
+        source=source,
+        server=server,
+        worker=worker,
+        deployments=deployments,
+        database_url=os.environ.get("DATABASE_URL") or expect(database, "url", str, source, "database.", ""),
+        redis_url=os.environ.get("REDIS_URL") or expect(redis, "url", str, source, "redis.", ""),
+    )
+
+
+def parse_server(raw: dict[str, Any], source: str, base_dir: Path) -> ServerConfig:
+    known = set(ServerConfig.__dataclass_fields__)
+    check_known_keys(raw, known, source, "server.")
+    data_dir = os.environ.get(DATA_DIR_ENV) or expect(raw, "data_dir", str, source, "server.", DEFAULT_DATA_DIR)
+    data_path = Path(data_dir).expanduser()
+    if not data_path.is_absolute():
+        data_path = (base_dir / data_path).resolve()
+    values: dict[str, Any] = {"data_dir": data_path}
+    defaults = ServerConfig(data_dir=data_path)
+    for key in known - {"data_dir"}:
+        default = getattr(defaults, key)
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(default, tuple):
+            value = expect(raw, key, list, source, "server.", list(default))
+            if not all(isinstance(item, str) for item in value):
+                raise ConfigError(source, f"server.{key}", "must be a list of strings")
+            values[key] = tuple(value)
+        else:
+            values[key] = expect(raw, key, kind, source, "server.", default)
+    for key in ("port", "web_workers", "web_threads", "max_body_bytes", "max_input_chars"):
+        if values[key] <= 0:
+            raise ConfigError(source, f"server.{key}", "must be positive")
+    if values["hsts_seconds"] < 0:
+        raise ConfigError(source, "server.hsts_seconds", "must be 0 or more")
+    if values["job_timeout_s"] <= 0:
+        raise ConfigError(source, "server.job_timeout_s", "must be positive")
+    values["secret_key"] = os.environ.get("DJANGO_SECRET_KEY") or values["secret_key"]
+    return ServerConfig(**values)
+
+
+def parse_worker(raw: dict[str, Any], source: str) -> WorkerConfig:
+    check_known_keys(raw, set(WorkerConfig.__dataclass_fields__), source, "worker.")
+    defaults = WorkerConfig()
+    values: dict[str, Any] = {"preload": expect(raw, "preload", bool, source, "worker.", defaults.preload)}
+    for key in ("time_limit_s", "heartbeat_s", "load_timeout_s"):
+        value = float(expect(raw, key, (int, float), source, "worker.", getattr(defaults, key)))
+        if value <= 0:
+            raise ConfigError(source, f"worker.{key}", "must be positive")
+        values[key] = value
+    return WorkerConfig(**values)
+
+
+def parse_deployment(raw: Any, index: int, source: str, models_dir: Path) -> Deployment:
+    prefix = f"deployments[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"deployments[{index}]", "must be a table")
+    check_known_keys(raw, {"name", "algorithm", "device", "options", "timeout_s"}, source, prefix)
+    name = expect(raw, "name", str, source, prefix, None)
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(source, prefix + "name", f"{name!r} is not a valid model name")
+    algorithm = expect(raw, "algorithm", str, source, prefix, None)
+    device = expect(raw, "device", str, source, prefix, "cpu")
+    if not DEVICE_PATTERN.match(device):
+        raise ConfigError(source, prefix + "device", f"{device!r} is not cpu, cpu:N, cuda:N or mps")
+    options = dict(expect(raw, "options", dict, source, prefix, {}))
+    if "model_path" in options:
+        options["model_path"] = resolve_model_path(options["model_path"], models_dir, source, prefix)
+    timeout = expect(raw, "timeout_s", (int, float), source, prefix, 0) or None
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(source, prefix + "timeout_s", "must be positive")
+    return Deployment(name=name, algorithm=algorithm, device=device, options=options, timeout_s=timeout)
+
+
+def resolve_model_path(value: Any, models_dir: Path, source: str, prefix: str) -> str:
+    """A relative `model_path` names a folder under `<data_dir>/models/`."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(source, prefix + "options.model_path", "must be a non-empty string")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else models_dir / path)
+
+
+def check_unique_names(deployments: tuple[Deployment, ...], source: str) -> None:
+    seen: set[str] = set()
+    for index, deployment in enumerate(deployments):
+        if deployment.name in seen:
+            raise ConfigError(source, f"deployments[{index}].name", f"{deployment.name!r} is used twice")
+        seen.add(deployment.name)
+
+
+def replace_default_model(server: ServerConfig, name: str) -> ServerConfig:
+    values = {key: getattr(server, key) for key in ServerConfig.__dataclass_fields__}
+    values["default_model"] = name
+    return ServerConfig(**values)
+
+
+def table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, "must be a table")
+    return value
+
+
+def check_known_keys(raw: dict[str, Any], known: set[str], source: str, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise ConfigError(source, prefix + key, "unknown key")
+
+
+_MISSING = object()
+
+
+def expect(raw: dict[str, Any], key: str, kind: Any, source: str, prefix: str, default: Any) -> Any:
+    """The value at `key` if it has the right type, the default if absent, else ConfigError."""
+    value = raw.get(key, _MISSING)
+    if value is _MISSING:
+        if default is None:
+            raise ConfigError(source, prefix + key, "is required")
+        return default
+    if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+        raise ConfigError(source, prefix + key, f"must be {_kind_name(kind)}, not a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(source, prefix + key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(kind: Any) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    names.update({list: "an array", dict: "a table"})
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))

@@ -1,0 +1,156 @@
+"""Django settings, derived from the TOML config (djangollmapi.config) in force.
+
+Nothing here is edited per deployment: operators change the TOML file or the
+environment (`DJANGO_SECRET_KEY`, `DATABASE_URL`, `REDIS_URL`).
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from djangollmapi.config import load_config
+
+# Models load from local folders only; there is no hub to ask.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+LLM_CONFIG = load_config()
+DATA_DIR = LLM_CONFIG.server.data_dir
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def read_or_create_secret_key(data_dir: Path) -> str:
+    """A stable secret for the embedded profile, so sessions survive restarts."""
+    path = data_dir / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = LLM_CONFIG.server.secret_key or read_or_create_secret_key(DATA_DIR)
+DEBUG = LLM_CONFIG.server.debug
+ALLOWED_HOSTS = list(LLM_CONFIG.server.allowed_hosts)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "djangollmapi",
+    "apikeys",
+    "llmjobs",
+    "algorithms",
+]
+
+MIDDLEWARE = [
+    "djangollmapi.middleware.JsonErrorsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "djangollmapi.urls"
+WSGI_APPLICATION = "djangollmapi.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def database_settings(url: str, data_dir: Path) -> dict:
+    """PostgreSQL through psycopg's pool (a connect costs 9-16 ms here, so never one
+    per request); SQLite in the data dir when no URL is configured."""
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(data_dir / "db.sqlite3"),
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            "TEST": {"NAME": str(data_dir / "test-db.sqlite3")},
+        }
+    db = dj_database_url.parse(url)
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        db["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    if db["ENGINE"] == "django.db.backends.postgresql":
+        db["CONN_MAX_AGE"] = 0
+        db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 20, "timeout": 5}
+        db["OPTIONS"].setdefault("connect_timeout", 3)
+    return db
+
+
+DATABASES = {"default": database_settings(LLM_CONFIG.database_url, DATA_DIR)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+# The admin's CSS without a collectstatic step: serve from the apps' static folders.
+WHITENOISE_USE_FINDERS = True
+
+# The body limit is ours to enforce with a 413; Django's own check raises the error.
+DATA_UPLOAD_MAX_MEMORY_SIZE = LLM_CONFIG.server.max_body_bytes
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "djangollmapi.errors.drf_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+# Celery: no result backend; each job's Redis stream carries its result (DESIGN.md).
+CELERY_BROKER_URL = LLM_CONFIG.broker_url
+REDIS_URL = LLM_CONFIG.redis_client_url
+
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+# Behind TLS ([server] https = true). gunicorn already marks requests from nginx as
+# https (forwarded_allow_ips), so no SECURE_PROXY_SSL_HEADER that anyone could forge.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = LLM_CONFIG.server.https
+SECURE_HSTS_SECONDS = LLM_CONFIG.server.hsts_seconds
+SECURE_HSTS_INCLUDE_SUBDOMAINS = LLM_CONFIG.server.hsts_include_subdomains
+SECURE_HSTS_PRELOAD = LLM_CONFIG.server.hsts_preload
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "INFO"},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

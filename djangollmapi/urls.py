@@ -1,0 +1,12 @@
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("llmjobs.urls")),
+]
+
+handler400 = "djangollmapi.errors.bad_request_view"
+handler403 = "djangollmapi.errors.permission_denied_view"
+handler404 = "djangollmapi.errors.not_found_view"
+handler500 = "djangollmapi.errors.server_error_view"

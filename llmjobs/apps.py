@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class LlmJobsConfig(AppConfig):
+    name = "llmjobs"
+    verbose_name = "LLM jobs"

@@ -1,0 +1,62 @@
+"""One row per call, local or upstream: the job and the usage record at once."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="jobs")
+    model = models.CharField(max_length=100)
+    backend = models.CharField(max_length=20, default="local")
+    queue = models.CharField(max_length=100, blank=True)
+    kind = models.CharField(max_length=20, default="run")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    input_text = models.TextField(blank=True)
+    output = models.JSONField(null=True, blank=True)
+    error_code = models.CharField(max_length=50, blank=True)
+    error_message = models.TextField(blank=True)
+    input_chars = models.PositiveIntegerField(default=0)
+    output_chars = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    refunded = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["api_key", "created_at"]),
+            models.Index(fields=["queue", "status", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.status} {self.id}"
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        if not self.started_at:
+            return None
+        return (self.started_at - self.created_at).total_seconds()
+
+    @property
+    def run_s(self) -> float | None:
+        if not (self.started_at and self.finished_at):
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

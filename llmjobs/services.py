@@ -1,0 +1,145 @@
+"""State changes on jobs: create, enqueue, start, finish, fail, refund.
+
+The worker owns a job's lifecycle writes (running → succeeded/failed) because async
+jobs have no waiting web request; a waiting request only steps in when it gives up
+(timeout). Every final write is conditional on the job still being active, so the
+first writer wins and nothing is finished twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from apikeys.services import refund_call
+from djangollmapi.celery import app as celery_app
+from djangollmapi.config import Deployment
+from djangollmapi.errors import ApiError
+from llmjobs import events
+from llmjobs.models import Job
+from llmjobs.routing import device_queue_name
+
+log = logging.getLogger(__name__)
+
+RUN_TASK = "llmjobs.run_job"
+
+
+def create_job(key_id: int, deployment: Deployment, text: str, kind: str = "run") -> Job:
+    """Record the call before it is queued, so even a lost job leaves a usage row."""
+    store = settings.LLM_CONFIG.server.store_payloads
+    return Job.objects.create(
+        api_key_id=key_id,
+        model=deployment.name,
+        queue=device_queue_name(deployment.device),
+        kind=kind,
+        input_text=text if store else "",
+        input_chars=len(text),
+    )
+
+
+def enqueue_job(job: Job, payload: Any) -> None:
+    """Send the job to its device's queue, or fail fast (503) when no worker serves
+    that queue, it is full, or the broker is down: never leave a client hanging."""
+    try:
+        alive, depth = events.queue_state(job.queue)
+        if not alive:
+            raise ApiError(503, "no_worker", f"No worker is serving the model {job.model!r}; retry later.")
+        if depth >= settings.LLM_CONFIG.server.max_queue_depth:
+            raise ApiError(
+                503, "queue_full", "The queue for this model is full; retry later.", headers={"Retry-After": "1"}
+            )
+        celery_app.send_task(
+            RUN_TASK,
+            args=(str(job.id), job.model, job.kind, payload),
+            task_id=str(job.id),
+            queue=job.queue,
+            retry=False,
+        )
+    except ApiError as exc:
+        fail_job(job.id, exc.code, exc.message)
+        raise
+    except (BrokerError, events.redis.RedisError, OSError) as exc:
+        log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
+        fail_job(job.id, "broker_unavailable", "The job queue is unavailable.")
+        raise ApiError(503, "broker_unavailable", "The job queue is unavailable; retry later.") from exc
+
+
+def release_db_connection() -> None:
+    """Hand the connection back to the pool before a long wait, so hundreds of waiting
+    threads do not hold hundreds of PostgreSQL connections."""
+    if connection.vendor == "postgresql":
+        connection.close()
+    else:
+        close_old_connections()
+
+
+def mark_running(job_id: str, worker: str) -> bool:
+    """Claim a queued job; False when it was cancelled or finished meanwhile."""
+    return bool(
+        Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING, started_at=timezone.now(), worker=worker
+        )
+    )
+
+
+def finish_job(
+    job_id: str, output: Any, prompt_tokens: int | None = None, completion_tokens: int | None = None
+) -> bool:
+    store = settings.LLM_CONFIG.server.store_payloads
+    return bool(
+        Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
+            status=Job.Status.SUCCEEDED,
+            finished_at=timezone.now(),
+            output=output if store else None,
+            output_chars=len(output) if isinstance(output, str) else len(str(output)),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+    )
+
+
+def fail_job(job_id: str, code: str, message: str, refund: bool = True, only_running: bool = False) -> bool:
+    """Mark an active job failed and, for server-side failures, refund its call once,
+    in one transaction: nobody sees a failed job whose call is not yet refunded."""
+    statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
+    with transaction.atomic():
+        updated = Job.objects.filter(id=job_id, status__in=statuses).update(
+            status=Job.Status.FAILED, finished_at=timezone.now(), error_code=code, error_message=message
+        )
+        if updated and refund:
+            refund_job(job_id)
+    return bool(updated)
+
+
+def cancel_job(job_id: str) -> bool:
+    """Stop a job nobody waits for any more: a queued one is never run (the worker
+    checks the flag before it starts)."""
+    events.request_cancel(str(job_id))
+    return bool(
+        Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
+            status=Job.Status.CANCELLED, finished_at=timezone.now()
+        )
+    )
+
+
+def refund_job(job_id: str) -> bool:
+    """Refund the job's call exactly once, however many paths try."""
+    with transaction.atomic():
+        claimed = Job.objects.filter(id=job_id, refunded=False, api_key__isnull=False).update(refunded=True)
+        if not claimed:
+            return False
+        key_id = Job.objects.filter(id=job_id).values_list("api_key_id", flat=True).get()
+        refund_call(key_id)
+    return True
+
+
+def time_out_job(job_id: str) -> None:
+    """The waiting request gave up: fail and refund the job, and keep the worker from
+    starting it if it is still queued."""
+    events.request_cancel(str(job_id))
+    fail_job(job_id, "job_timeout", "The job did not finish in time.")

@@ -1,0 +1,111 @@
+"""Seed-compatible endpoints: `POST /api/` (and `/analyze/`), async jobs, usage.
+Views only translate HTTP; services do the work."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.urls import reverse
+from rest_framework.views import APIView
+
+from apikeys import selectors as key_selectors
+from apikeys.authentication import presented_key
+from apikeys.services import consume_call_for_model
+from djangollmapi.errors import ApiError
+from llmjobs import events, selectors, services
+from llmjobs.models import Job
+from llmjobs.validation import RunRequest, parse_run_request
+
+
+def submit_run(request) -> tuple[Job, RunRequest]:
+    """Check key and body, take one call, record and enqueue the job. Key errors win
+    over body errors, as a client would expect, at the cost of one read on bad bodies."""
+    presented = presented_key(request)
+    try:
+        run = parse_run_request(request.data)
+    except ApiError:
+        key_selectors.verified_key(presented)
+        raise
+    call = consume_call_for_model(presented, run.deployment.name)
+    job = services.create_job(call.key_id, run.deployment, run.text)
+    services.enqueue_job(job, run.text)
+    return job, run
+
+
+class RunView(APIView):
+    """`POST /api/ {"text": ...}` → `{"message": ..., "job_id": ..., "model": ...}`."""
+
+    authentication_classes = []
+
+    def post(self, request) -> JsonResponse:
+        job, run = submit_run(request)
+        services.release_db_connection()
+        timeout = settings.LLM_CONFIG.job_timeout_for(run.deployment)
+        event = events.wait_for_terminal_event(str(job.id), timeout)
+        if event is None:
+            services.time_out_job(job.id)
+            raise ApiError(504, "job_timeout", f"The model did not answer within {timeout:g} s.")
+        if event["event"] == "error":
+            raise ApiError(500, event.get("code", "job_failed"), f"{event.get('message')} (job {job.id})")
+        return JsonResponse({"message": event["output"], "job_id": str(job.id), "model": job.model})
+
+
+class JobCreateView(APIView):
+    """`POST /api/jobs/` → 202 and a Location to poll."""
+
+    authentication_classes = []
+
+    def post(self, request) -> JsonResponse:
+        job, _run = submit_run(request)
+        location = reverse("job-detail", args=[job.id])
+        response = JsonResponse({"job_id": str(job.id), "status": job.status, "model": job.model}, status=202)
+        response["Location"] = request.build_absolute_uri(location)
+        return response
+
+
+class JobDetailView(APIView):
+    """`GET /api/jobs/<id>/`: status, queue position, result or error."""
+
+    def get(self, request, job_id) -> JsonResponse:
+        job = selectors.job_for_key(job_id, request.auth.id)
+        return JsonResponse(job_body(job))
+
+
+def job_body(job: Job) -> dict:
+    body = {
+        "job_id": str(job.id),
+        "model": job.model,
+        "status": job.status,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+    if job.status == Job.Status.QUEUED:
+        body["queue_position"] = selectors.queue_position(job)
+    if job.status == Job.Status.SUCCEEDED:
+        body["result"] = {"message": job.output}
+    if job.status == Job.Status.FAILED:
+        body["error"] = {"code": job.error_code, "message": job.error_message}
+    return body
+
+
+class UsageView(APIView):
+    """`GET /api/usage/`: the calling key's calls and characters per day, quota, window."""
+
+    def get(self, request) -> JsonResponse:
+        api_key = request.auth
+        return JsonResponse(
+            {
+                "key": {
+                    "name": api_key.name,
+                    "prefix": api_key.prefix,
+                    "status": api_key.status(),
+                    "calls_used": api_key.calls_used,
+                    "max_calls": api_key.max_calls,
+                    "calls_left": api_key.calls_left,
+                    "valid_from": api_key.valid_from.isoformat() if api_key.valid_from else None,
+                    "valid_until": api_key.valid_until.isoformat() if api_key.valid_until else None,
+                },
+                "days": selectors.usage_by_day(api_key.id),
+            }
+        )

@@ -1,0 +1,52 @@
+"""The admin shows a new key once, right after "add", and never again."""
+
+import pytest
+
+from apikeys.keys import hash_secret
+from apikeys.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+
+def test_add_shows_the_key_once(admin_client):
+    response = admin_client.post(
+        "/admin/apikeys/apikey/add/",
+        {"name": "team", "owner_email": "t@example.com", "note": "", "max_calls": "5", "allowed_models": "[]"},
+        follow=True,
+    )
+    assert response.status_code == 200
+    api_key = ApiKey.objects.get()
+    page = response.content.decode()
+    start = page.index(f"dla_{api_key.prefix}_")
+    plaintext = page[start:].split("<", 1)[0]
+    assert api_key.secret_hash == hash_secret(plaintext.split("_", 2)[2])
+
+    listing = admin_client.get("/admin/apikeys/apikey/").content.decode()
+    change = admin_client.get(f"/admin/apikeys/apikey/{api_key.id}/change/").content.decode()
+    secret = plaintext.split("_", 2)[2]
+    assert secret not in listing and secret not in change
+    assert api_key.prefix in listing
+    assert "0 / 5" in listing
+
+
+def test_revoke_and_reset_actions(admin_client):
+    api_key, _ = ApiKey.objects.issue(name="a", max_calls=3)
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=3)
+    admin_client.post("/admin/apikeys/apikey/", {"action": "reset_calls", "_selected_action": [api_key.id]})
+    api_key.refresh_from_db()
+    assert api_key.calls_used == 0
+    admin_client.post("/admin/apikeys/apikey/", {"action": "revoke", "_selected_action": [api_key.id]})
+    api_key.refresh_from_db()
+    assert api_key.revoked_at is not None and api_key.status() == "revoked"
+
+
+def test_jobs_are_listed_read_only(admin_client):
+    from llmjobs.models import Job
+
+    api_key, _ = ApiKey.objects.issue(name="a")
+    job = Job.objects.create(api_key=api_key, model="echo", input_text="hi", input_chars=2)
+    listing = admin_client.get("/admin/llmjobs/job/")
+    assert listing.status_code == 200 and "echo" in listing.content.decode()
+    assert admin_client.get("/admin/llmjobs/job/add/").status_code == 403
+    detail = admin_client.get(f"/admin/llmjobs/job/{job.id}/change/")
+    assert detail.status_code == 200 and 'name="_save"' not in detail.content.decode()

@@ -1,0 +1,181 @@
+"""Fixtures: real Redis, a real database, real worker processes, real HTTP.
+
+The `live` fixture starts gunicorn and one worker per device of the test config as
+subprocesses pointed at the test database; tests talk to them with `requests`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from django.conf import settings
+from django.db import connection
+
+from apikeys.models import ApiKey
+from djangollmapi import processes
+from llmjobs.routing import device_queue_name
+
+LIVE_DEVICES = ("cpu", "cpu:1", "cpu:3")
+READY_TIMEOUT_S = 120
+
+
+def data_dir() -> Path:
+    return settings.LLM_CONFIG.server.data_dir
+
+
+def logs_dir() -> Path:
+    path = data_dir() / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Iterator[redis.Redis]:
+    """The embedded Redis when no REDIS_URL was given, else the given one; emptied so
+    no heartbeat or queue from an earlier run leaks into this one."""
+    process = None
+    if os.environ.get("DLA_TEST_EMBEDDED_REDIS"):
+        process = processes.start_embedded_redis(settings.LLM_CONFIG.redis_socket, logs_dir() / "redis.log")
+    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    client.flushdb()
+    yield client
+    if process:
+        processes.stop(process)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path() -> Path:
+    from algorithms.tiny_gpt2 import build_tiny_gpt2
+
+    return build_tiny_gpt2(settings.LLM_CONFIG.models_dir / "tiny-gpt2")
+
+
+def database_url_for_subprocesses() -> str:
+    """The test database (created by pytest-django) spelled as a URL for the children."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    return {"DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url_for_subprocesses(), **overrides}
+
+
+def start_worker(device: str) -> subprocess.Popen:
+    log = logs_dir() / f"worker-{device.replace(':', '-')}.log"
+    return processes.spawn(processes.manage_argv("runworker", device, "--loglevel", "WARNING"), child_env(), log)
+
+
+def start_web(port: int, **env: str) -> subprocess.Popen:
+    argv = processes.gunicorn_argv(f"127.0.0.1:{port}", workers=2, threads=32)
+    return processes.spawn(argv, child_env(**env), logs_dir() / f"web-{port}.log")
+
+
+def wait_for_heartbeat(client: redis.Redis, device: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not client.exists(f"dla:worker:{device_queue_name(device)}"):
+        if process.poll() is not None:
+            raise RuntimeError(f"worker for {device} exited; see {logs_dir()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker for {device} not ready after {READY_TIMEOUT_S} s")
+        time.sleep(0.1)
+
+
+def wait_for_http(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"web server exited; see {logs_dir()}")
+        try:
+            requests.get(url, timeout=2)
+            return
+        except (requests.ConnectionError, requests.Timeout):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@dataclass
+class Live:
+    url: str
+    redis: redis.Redis
+    workers: dict[str, subprocess.Popen]
+
+    def post(self, path: str, key: str | None = None, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return requests.post(self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, key: str | None = None, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return requests.get(self.url + path, headers=headers, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def live(django_db_setup, django_db_blocker, redis_server, tiny_gpt2_path) -> Iterator[Live]:
+    """The real server: gunicorn (gthread) and one Celery worker per device."""
+    constructions = data_dir() / "constructions.log"
+    constructions.unlink(missing_ok=True)
+    with django_db_blocker.unblock():
+        workers = {device: start_worker(device) for device in LIVE_DEVICES}
+        port = free_port()
+        web = start_web(port)
+    try:
+        for device, process in workers.items():
+            wait_for_heartbeat(redis_server, device, process)
+        wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
+        yield Live(f"http://127.0.0.1:{port}", redis_server, workers)
+    finally:
+        for process in [web, *workers.values()]:
+            processes.stop(process)
+
+
+@pytest.fixture(scope="session")
+def smollm2_worker(live) -> Iterator[str]:
+    """The demo model, converted once into the test data dir, on its own device."""
+    from algorithms.prepare import prepare_model
+
+    prepare_model("smollm2-135m-instruct", settings.LLM_CONFIG.models_dir)
+    device = settings.LLM_CONFIG.deployment("smollm2").device
+    process = start_worker(device)
+    try:
+        wait_for_heartbeat(live.redis, device, process)
+        yield "smollm2"
+    finally:
+        processes.stop(process)
+
+
+@pytest.fixture
+def make_key(transactional_db):
+    """Issue a real key in the test database; returns the plaintext."""
+
+    def make(**fields) -> str:
+        fields.setdefault("name", "test")
+        return ApiKey.objects.issue(**fields)[1]
+
+    return make
+
+
+@pytest.fixture
+def key(make_key) -> str:
+    return make_key()

@@ -1,0 +1,142 @@
+"""The config loader: defaults, env overrides, and errors that name file, key, reason."""
+
+from pathlib import Path
+
+import pytest
+
+from djangollmapi.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "DJANGO_LLM_API_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DJANGO_LLM_API_DATA_DIR", str(tmp_path / "data"))
+    return monkeypatch
+
+
+def write(tmp_path, text):
+    path = tmp_path / "djangollmapi.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_the_embedded_default(clean_env, tmp_path):
+    clean_env.setenv("HOME", str(tmp_path))
+    config = load_config()
+    assert config.source == "<embedded default>"
+    assert [d.name for d in config.deployments] == ["smollm2", "echo"]
+    assert config.server.default_model == "smollm2"
+    assert config.devices == ["cpu"]
+    assert config.embedded_redis and config.database_url == ""
+    assert config.deployments[0].options["model_path"] == str(tmp_path / "data" / "models" / "smollm2-135m-instruct")
+    assert config.broker_url == f"redis+socket://{tmp_path / 'data' / 'redis.sock'}"
+
+
+def test_explicit_missing_file_is_an_error(clean_env, tmp_path):
+    clean_env.setenv("DJANGO_LLM_API_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match=r"absent\.toml: -: file not found"):
+        load_config()
+
+
+def test_env_overrides_secrets_and_urls(clean_env, tmp_path):
+    path = write(tmp_path, '[database]\nurl = "sqlite:///x"\n[redis]\nurl = "redis://a:1/0"\n')
+    clean_env.setenv("DATABASE_URL", "postgres://u@h/db")
+    clean_env.setenv("REDIS_URL", "redis://b:2/1")
+    clean_env.setenv("DJANGO_SECRET_KEY", "s3")
+    config = load_config(path)
+    assert (config.database_url, config.redis_url, config.server.secret_key) == (
+        "postgres://u@h/db",
+        "redis://b:2/1",
+        "s3",
+    )
+    assert config.broker_url == "redis://b:2/1"
+
+
+def test_deployments_devices_and_timeouts(clean_env, tmp_path):
+    path = write(
+        tmp_path,
+        """
+[server]
+default_model = "b"
+job_timeout_s = 30
+[[deployments]]
+name = "a"
+algorithm = "algorithms.echo:Echo"
+device = "cuda:0"
+[[deployments]]
+name = "b"
+algorithm = "algorithms.echo:Echo"
+device = "cuda:1"
+timeout_s = 5
+options = { model_path = "/abs/model", delay_ms = 3 }
+[[deployments]]
+name = "c"
+algorithm = "algorithms.echo:Echo"
+device = "cuda:0"
+""",
+    )
+    config = load_config(path)
+    assert config.devices == ["cuda:0", "cuda:1"]
+    b = config.deployment("b")
+    assert b.options == {"model_path": "/abs/model", "delay_ms": 3}
+    assert config.job_timeout_for(b) == 5
+    assert config.job_timeout_for(config.deployment("a")) == 30
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("[server\n", "-", "not valid TOML"),
+        ("[server]\nport = 'x'\n", "server.port", "must be an integer, got str"),
+        ("[server]\nport = -1\n", "server.port", "must be positive"),
+        ("[server]\ndebug = 1\n", "server.debug", "must be true or false"),
+        ("[server]\nprot = 1\n", "server.prot", "unknown key"),
+        ("[bogus]\n", "bogus", "unknown key"),
+        ("deployments = []\n", "deployments", "non-empty array"),
+        ("[[deployments]]\nname = 'x'\n", "deployments[0].algorithm", "is required"),
+        ("[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\ndevice = 'gpu0'\n", "deployments[0].device", "not cpu"),
+        ("[[deployments]]\nname = 'x y'\nalgorithm = 'a:B'\n", "deployments[0].name", "not a valid model name"),
+        (
+            "[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\n[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\n",
+            "deployments[1].name",
+            "used twice",
+        ),
+        ("[server]\ndefault_model = 'nope'\n", "server.default_model", "no deployment named"),
+        ("[worker]\ntime_limit_s = 0\n", "worker.time_limit_s", "must be positive"),
+        ("[worker]\nload_timeout_s = -1\n", "worker.load_timeout_s", "must be positive"),
+        ("[server]\nhttps = 'yes'\n", "server.https", "must be true or false"),
+        ("[server]\njob_timeout_s = true\n", "server.job_timeout_s", "not a boolean"),
+    ],
+)
+def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.source == str(path)
+    assert caught.value.key == key
+    assert reason in caught.value.reason
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+def test_the_shipped_example_config_parses(clean_env):
+    config = load_config(ROOT / "config" / "djangollmapi.toml")
+    devices = config.devices
+    assert sum(device.startswith("cuda:") for device in devices) == 2
+    assert "cpu" in devices
+
+
+def test_broken_config_stops_manage_py_with_the_reason(clean_env, tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "[server]\nport = 'eighty'\n")
+    clean_env.setenv("DJANGO_LLM_API_CONFIG", str(path))
+    clean_env.setenv("DJANGO_SETTINGS_MODULE", "djangollmapi.settings")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode != 0
+    assert f"{path}: server.port: must be an integer" in result.stderr

@@ -1,0 +1,55 @@
+"""A job whose worker process dies is failed and refunded, never left `running`, and
+the device goes on serving."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from llmjobs.models import Job
+from tests.helpers import key_row
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(predicate, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_killed_pool_process_fails_and_refunds_its_job(live, key):
+    response = live.post("/api/jobs/", key, json={"text": "x", "model": "sleeper"})
+    job_id = response.json()["job_id"]
+    wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.RUNNING).exists())
+    (pool_process,) = child_pids(live.workers["cpu:3"].pid)
+
+    os.kill(pool_process, signal.SIGKILL)
+
+    job = wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
+    assert job.error_code == "worker_lost" and job.refunded
+    assert key_row(key).calls_used == 0
+    status = live.get(f"/api/jobs/{job_id}/", key).json()
+    assert status["error"]["code"] == "worker_lost"
+    # The worker replaced its pool process; the device serves the next job.
+    again = live.post("/api/jobs/", key, json={"text": "y", "model": "sleeper"}).json()["job_id"]
+    finished = wait_for(lambda: Job.objects.filter(id=again, status=Job.Status.SUCCEEDED).first())
+    assert finished.output == "y"
