@@ -83,15 +83,20 @@ def database_settings(url: str, data_dir: Path) -> dict:
     """PostgreSQL through psycopg's pool (a connect costs 9-16 ms here, so never one
     per request); SQLite in the data dir when no URL is configured."""
     if not url:
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(data_dir / "db.sqlite3"),
-            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
-            "TEST": {"NAME": str(data_dir / "test-db.sqlite3")},
-        }
-    db = dj_database_url.parse(url)
+        db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(data_dir / "db.sqlite3")}
+        db["TEST"] = {"NAME": str(data_dir / "test-db.sqlite3")}
+    else:
+        db = dj_database_url.parse(url)
     if db["ENGINE"] == "django.db.backends.sqlite3":
-        db["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+        # WAL + synchronous=NORMAL: a commit no longer waits for a disk sync (measured
+        # 0.9 ms → 0.01 ms here), and readers never block the one writer.
+        db["OPTIONS"] = {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+        db["CONN_MAX_AGE"] = None
+        db["CONN_HEALTH_CHECKS"] = True
     if db["ENGINE"] == "django.db.backends.postgresql":
         db["CONN_MAX_AGE"] = 0
         db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 20, "timeout": 5}
@@ -134,6 +139,10 @@ REST_FRAMEWORK = {
 
 # Celery: no result backend; each job's Redis stream carries its result (DESIGN.md).
 CELERY_BROKER_URL = LLM_CONFIG.broker_url
+# Celery's Django fixup closes the database (and tears down the pool) around every
+# task unless this is set: that cost the worker more than the job itself. The worker
+# checks its connection at the start of each job instead (llmjobs.runtime).
+CELERY_DB_REUSE_MAX = 1000
 REDIS_URL = LLM_CONFIG.redis_client_url
 
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -152,5 +161,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": "INFO"},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # Two INFO lines per job ("received", "succeeded") cost the worker real time.
+        "celery.app.trace": {"level": "WARNING"},
+        "celery.worker.strategy": {"level": "WARNING"},
+    },
 }

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from django.conf import settings
+from django.db import close_old_connections
 
 from algorithms.loader import build_algorithm
 from llmjobs import events, services
@@ -38,6 +39,7 @@ def get_algorithm(name: str) -> Any:
 def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -> None:
     """Run one job: skip it if cancelled, claim it, run, record, publish. Recording
     first means a client that has its answer finds the job row and refund already done."""
+    close_old_connections()  # a connection broken since the last job is replaced, not reused
     if events.is_cancelled(job_id):
         log.info("job %s skipped: cancelled", job_id)
         return

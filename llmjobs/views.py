@@ -4,6 +4,7 @@ Views only translate HTTP; services do the work."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.db import transaction
 from django.http import JsonResponse
 from django.urls import reverse
 from rest_framework.views import APIView
@@ -26,8 +27,9 @@ def submit_run(request) -> tuple[Job, RunRequest]:
     except ApiError:
         key_selectors.verified_key(presented)
         raise
-    call = consume_call_for_model(presented, run.deployment.name)
-    job = services.create_job(call.key_id, run.deployment, run.text)
+    with transaction.atomic():  # one commit for the call and its usage row
+        call = consume_call_for_model(presented, run.deployment.name)
+        job = services.create_job(call.key_id, run.deployment, run.text)
     services.enqueue_job(job, run.text)
     return job, run
 
