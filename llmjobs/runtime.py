@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -21,6 +22,7 @@ from llmjobs.routing import deployments_on_device, device_queue_name
 
 log = logging.getLogger(__name__)
 
+TIME_LIMIT_MESSAGE = "The job ran past its time limit and was stopped."
 WORKER_LOST_MESSAGE = "The worker running this job died; the job was not completed."
 DEVICE_ENV = "DLA_WORKER_DEVICE"
 PRELOAD_ENV = "DLA_WORKER_PRELOAD"
@@ -48,6 +50,10 @@ def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -
         return
     try:
         output = run_algorithm(get_algorithm(model), kind, payload)
+    except SoftTimeLimitExceeded:
+        log.warning("job %s on %s stopped at its time limit", job_id, model)
+        fail_lost_job(job_id, "job_time_limit", TIME_LIMIT_MESSAGE)
+        return
     except Exception:
         log.exception("job %s on %s failed", job_id, model)
         message = "The model failed to process the request."
@@ -70,7 +76,8 @@ def fail_abandoned_job(job_id: str) -> None:
 
 
 def fail_lost_job(job_id: str, code: str, message: str) -> None:
-    """The worker's parent saw the job's process die or overrun its hard time limit."""
+    """Fail a job stopped from outside: its time limit, or (seen from the worker's
+    parent) its process died or overran the hard limit."""
     if services.fail_job(job_id, code, message):
         events.emit(job_id, "error", code=code, message=message)
 

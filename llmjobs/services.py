@@ -53,11 +53,14 @@ def enqueue_job(job: Job, payload: Any) -> None:
             raise ApiError(
                 503, "queue_full", "The queue for this model is full; retry later.", headers={"Retry-After": "1"}
             )
+        soft_limit, hard_limit = job_time_limits(job.model)
         celery_app.send_task(
             RUN_TASK,
             args=(str(job.id), job.model, job.kind, payload),
             task_id=str(job.id),
             queue=job.queue,
+            soft_time_limit=soft_limit,
+            time_limit=hard_limit,
             retry=False,
         )
     except ApiError as exc:
@@ -67,6 +70,19 @@ def enqueue_job(job: Job, payload: Any) -> None:
         log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
         fail_job(job.id, "broker_unavailable", "The job queue is unavailable.")
         raise ApiError(503, "broker_unavailable", "The job queue is unavailable; retry later.") from exc
+
+
+HARD_LIMIT_GRACE_S = 2.0
+
+
+def job_time_limits(model: str) -> tuple[float, float]:
+    """(soft, hard) seconds a job may run in the worker: its deployment's timeout, as
+    nobody waits longer for it, capped by `[worker] time_limit_s`. The soft limit stops
+    a job between steps; the hard one kills a job that ignores it."""
+    config = settings.LLM_CONFIG
+    hard_cap = config.worker.time_limit_s
+    soft = min(config.job_timeout_for(config.deployment(model)), hard_cap)
+    return soft, min(soft + HARD_LIMIT_GRACE_S, hard_cap)
 
 
 def release_db_connection() -> None:

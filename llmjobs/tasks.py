@@ -6,8 +6,8 @@ import contextlib
 import os
 from typing import Any
 
-from celery import shared_task
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import shared_task
 from celery.signals import task_failure, worker_process_init, worker_process_shutdown
 
 from llmjobs import events, runtime
@@ -46,6 +46,6 @@ def on_task_failure(sender=None, task_id=None, exception=None, **kwargs) -> None
     if task_id is None or sender is None or sender.name != run_job.name:
         return
     if isinstance(exception, TimeLimitExceeded):
-        runtime.fail_lost_job(task_id, "job_time_limit", "The job ran past the worker's hard time limit.")
+        runtime.fail_lost_job(task_id, "job_time_limit", runtime.TIME_LIMIT_MESSAGE)
     elif isinstance(exception, WorkerLostError):
         runtime.fail_lost_job(task_id, "worker_lost", runtime.WORKER_LOST_MESSAGE)

@@ -44,7 +44,9 @@ class RunView(APIView):
         services.release_db_connection()
         timeout = settings.LLM_CONFIG.job_timeout_for(run.deployment)
         event = events.wait_for_terminal_event(str(job.id), timeout)
-        if event is None:
+        # The worker stops a job at the same deadline; whichever notices first, the
+        # client hears the same thing.
+        if event is None or event.get("code") == "job_time_limit":
             services.time_out_job(job.id)
             raise ApiError(504, "job_timeout", f"The model did not answer within {timeout:g} s.")
         if event["event"] == "error":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -42,3 +43,17 @@ class RecordingEcho:
         start = time.time()
         time.sleep(self.delay_s)
         return {"text": input_text, "start": start, "end": time.time(), "pid": os.getpid()}
+
+
+class Stubborn:
+    """Ignores the soft time limit, as C code that never returns to Python would."""
+
+    def __init__(self, device: str = "cpu", seconds: float = 30) -> None:
+        self.seconds = seconds
+
+    def run(self, input_text: str) -> str:
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BaseException):  # swallowing the soft limit is the point
+                time.sleep(0.05)
+        return input_text
