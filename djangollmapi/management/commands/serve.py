@@ -46,11 +46,14 @@ class Command(BaseCommand):
 
     def handle(self, *args, host: str, port: int, demo: bool, **opts) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
-        signal.signal(signal.SIGTERM, raise_stop)
+        # Set explicitly: a shell that starts us in the background hands down SIGINT
+        # ignored, and Ctrl-C, kill and a closed terminal must all stop everything.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, raise_stop)
         try:
             self.start_everything(host, port, demo)
             self.watch_children()
-        except (KeyboardInterrupt, Stop):
+        except Stop:
             self.stdout.write("\nstopping ...")
         finally:
             self.stop_children()
