@@ -72,6 +72,8 @@ def served(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As a shell starts a background job: SIGINT arrives ignored, Ctrl-C must still work.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     yield process, str(config)
     if process.poll() is None:
