@@ -22,6 +22,7 @@ from llmjobs.routing import deployments_on_device, device_queue_name
 
 log = logging.getLogger(__name__)
 
+JOB_FAILED_MESSAGE = "The model failed to process the request."
 TIME_LIMIT_MESSAGE = "The job ran past its time limit and was stopped."
 WORKER_LOST_MESSAGE = "The worker running this job died; the job was not completed."
 DEVICE_ENV = "DLA_WORKER_DEVICE"
@@ -52,13 +53,11 @@ def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -
         output = run_algorithm(get_algorithm(model), kind, payload)
     except SoftTimeLimitExceeded:
         log.warning("job %s on %s stopped at its time limit", job_id, model)
-        fail_lost_job(job_id, "job_time_limit", TIME_LIMIT_MESSAGE)
+        fail_and_notify(job_id, "job_time_limit", TIME_LIMIT_MESSAGE)
         return
     except Exception:
         log.exception("job %s on %s failed", job_id, model)
-        message = "The model failed to process the request."
-        services.fail_job(job_id, "job_failed", message)
-        events.emit(job_id, "error", code="job_failed", message=message)
+        fail_and_notify(job_id, "job_failed", JOB_FAILED_MESSAGE)
         return
     services.finish_job(job_id, output)
     events.emit(job_id, "done", output=output)
@@ -68,18 +67,19 @@ def fail_abandoned_job(job_id: str) -> None:
     """A job already marked running that reaches a worker again was redelivered because
     the process running it died (killed, out of memory, a CUDA crash). Running it again
     could kill the next process too, so it fails, refunded, and its client is told."""
-    if services.fail_job(job_id, "worker_lost", WORKER_LOST_MESSAGE, only_running=True):
+    if fail_and_notify(job_id, "worker_lost", WORKER_LOST_MESSAGE, only_running=True):
         log.error("job %s was abandoned by a dead worker process; marked failed", job_id)
-        events.emit(job_id, "error", code="worker_lost", message=WORKER_LOST_MESSAGE)
     else:
         log.info("job %s skipped: no longer queued", job_id)
 
 
-def fail_lost_job(job_id: str, code: str, message: str) -> None:
-    """Fail a job stopped from outside: its time limit, or (seen from the worker's
-    parent) its process died or overran the hard limit."""
-    if services.fail_job(job_id, code, message):
+def fail_and_notify(job_id: str, code: str, message: str, only_running: bool = False) -> bool:
+    """Record the failure (refunded) and tell a waiting client; nothing when the job
+    had already ended, e.g. its waiting request timed it out first."""
+    failed = services.fail_job(job_id, code, message, only_running=only_running)
+    if failed:
         events.emit(job_id, "error", code=code, message=message)
+    return failed
 
 
 def run_algorithm(algorithm: Any, kind: str, payload: Any) -> Any:

@@ -46,6 +46,6 @@ def on_task_failure(sender=None, task_id=None, exception=None, **kwargs) -> None
     if task_id is None or sender is None or sender.name != run_job.name:
         return
     if isinstance(exception, TimeLimitExceeded):
-        runtime.fail_lost_job(task_id, "job_time_limit", runtime.TIME_LIMIT_MESSAGE)
+        runtime.fail_and_notify(task_id, "job_time_limit", runtime.TIME_LIMIT_MESSAGE)
     elif isinstance(exception, WorkerLostError):
-        runtime.fail_lost_job(task_id, "worker_lost", runtime.WORKER_LOST_MESSAGE)
+        runtime.fail_and_notify(task_id, "worker_lost", runtime.WORKER_LOST_MESSAGE)
