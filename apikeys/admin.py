@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from django.contrib import admin, messages
-from django.utils.html import format_html
+from django.contrib import admin
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.cache import patch_cache_control
 
 from apikeys import keys, services
 from apikeys.models import ApiKey
@@ -47,19 +49,31 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
+            # Only what the form changed: calls_used and revoked_at move under the admin's
+            # feet (calls in flight, a revoke elsewhere) and must not be written back.
+            obj.save(update_fields=form.changed_data or None)
             return
         credentials = keys.new_credentials()
         obj.prefix, obj.secret_hash = credentials.prefix, credentials.secret_hash
-        super().save_model(request, obj, form, change)
-        messages.warning(
+        obj.save()
+        request._new_api_key = credentials.plaintext
+
+    def response_add(self, request, obj: ApiKey, post_url_continue=None):
+        """Show the key on this response alone: not in a message (the default storage
+        is a cookie, so the key would travel in a header), never cached."""
+        response = render(
             request,
-            format_html(
-                "The API key for “{}” is <code>{}</code>. Copy it now: it is not stored and will not be shown again.",
-                obj.name,
-                credentials.plaintext,
-            ),
+            "admin/apikeys/apikey/key_created.html",
+            {
+                **self.admin_site.each_context(request),
+                "api_key": obj,
+                "plaintext": request._new_api_key,
+                "changelist_url": reverse("admin:apikeys_apikey_changelist"),
+                "title": "API key created",
+            },
         )
+        patch_cache_control(response, no_store=True)
+        return response
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset) -> None:

@@ -7,6 +7,7 @@ process allowed to touch that device.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -41,7 +42,8 @@ def get_algorithm(name: str) -> Any:
 
 def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -> None:
     """Run one job: skip it if cancelled, claim it, run, record, publish. Recording
-    first means a client that has its answer finds the job row and refund already done."""
+    first means a client that has its answer finds the job row and refund already done;
+    anything failing up to the publish fails the job, so none is left running."""
     close_old_connections()  # a connection broken since the last job is replaced, not reused
     if events.is_cancelled(job_id):
         log.info("job %s skipped: cancelled", job_id)
@@ -51,16 +53,15 @@ def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -
         return
     try:
         output = run_algorithm(get_algorithm(model), kind, payload)
+        json.dumps(output)  # it travels and is stored as JSON: refuse anything else here
+        services.finish_job(job_id, output)
+        events.emit(job_id, "done", output=output)
     except SoftTimeLimitExceeded:
         log.warning("job %s on %s stopped at its time limit", job_id, model)
         fail_and_notify(job_id, "job_time_limit", TIME_LIMIT_MESSAGE)
-        return
     except Exception:
         log.exception("job %s on %s failed", job_id, model)
         fail_and_notify(job_id, "job_failed", JOB_FAILED_MESSAGE)
-        return
-    services.finish_job(job_id, output)
-    events.emit(job_id, "done", output=output)
 
 
 def fail_abandoned_job(job_id: str) -> None:

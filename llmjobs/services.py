@@ -8,9 +8,11 @@ first writer wins and nothing is finished twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
@@ -154,8 +156,51 @@ def refund_job(job_id: str) -> bool:
     return True
 
 
-def time_out_job(job_id: str) -> None:
+def time_out_job(job_id: str) -> bool:
     """The waiting request gave up: fail and refund the job, and keep the worker from
-    starting it if it is still queued."""
-    events.request_cancel(str(job_id))
-    fail_job(job_id, "job_timeout", "The job did not finish in time.")
+    starting it if it is still queued. False when the job had ended meanwhile."""
+    failed = fail_job(job_id, "job_timeout", "The job did not finish in time.")
+    with contextlib.suppress(redis.RedisError):
+        events.request_cancel(str(job_id))
+    return failed
+
+
+ERROR_STATUS = {"job_timeout": 504, "broker_unavailable": 503, "no_worker": 503}
+
+
+def wait_for_output(job: Job, timeout_s: float) -> Any:
+    """The job's output, or the ApiError that says why there is none. Whoever ends a
+    job first wins (the worker, a time limit, this request giving up); when this
+    request loses such a race it answers with what was recorded, so a client is never
+    charged for an error nor refunded for an answer."""
+    try:
+        event = events.wait_for_terminal_event(str(job.id), timeout_s)
+    except redis.RedisError:
+        if fail_job(job.id, "broker_unavailable", "The job queue became unavailable."):
+            raise ApiError(503, "broker_unavailable", "The job queue is unavailable; retry later.") from None
+        return recorded_output(job.id)
+    if event is None:
+        if time_out_job(job.id):
+            raise ApiError(504, "job_timeout", f"The model did not answer within {timeout_s:g} s.")
+        return recorded_output(job.id)
+    if event["event"] == "error":
+        raise job_error(event.get("code", "job_failed"), event.get("message", ""), job.id)
+    return event["output"]
+
+
+def recorded_output(job_id) -> Any:
+    """What an ended job left: its event if Redis still has it, else its row."""
+    with contextlib.suppress(redis.RedisError):
+        event = events.terminal_event(str(job_id))
+        if event and event["event"] == "done":
+            return event["output"]
+    job = Job.objects.get(id=job_id)
+    if job.status == Job.Status.SUCCEEDED and job.output is not None:
+        return job.output
+    raise job_error(job.error_code or "job_failed", job.error_message, job_id)
+
+
+def job_error(code: str, message: str, job_id) -> ApiError:
+    if code == "job_time_limit":  # the worker's deadline and ours read the same to a client
+        code, message = "job_timeout", "The model did not answer in time."
+    return ApiError(ERROR_STATUS.get(code, 500), code, f"{message or 'The job failed.'} (job {job_id})")

@@ -13,7 +13,7 @@ from apikeys import selectors as key_selectors
 from apikeys.authentication import presented_key
 from apikeys.services import consume_call_for_model
 from djangollmapi.errors import ApiError
-from llmjobs import events, selectors, services
+from llmjobs import selectors, services
 from llmjobs.models import Job
 from llmjobs.validation import RunRequest, parse_run_request
 
@@ -42,16 +42,8 @@ class RunView(APIView):
     def post(self, request) -> JsonResponse:
         job, run = submit_run(request)
         services.release_db_connection()
-        timeout = settings.LLM_CONFIG.job_timeout_for(run.deployment)
-        event = events.wait_for_terminal_event(str(job.id), timeout)
-        # The worker stops a job at the same deadline; whichever notices first, the
-        # client hears the same thing.
-        if event is None or event.get("code") == "job_time_limit":
-            services.time_out_job(job.id)
-            raise ApiError(504, "job_timeout", f"The model did not answer within {timeout:g} s.")
-        if event["event"] == "error":
-            raise ApiError(500, event.get("code", "job_failed"), f"{event.get('message')} (job {job.id})")
-        return JsonResponse({"message": event["output"], "job_id": str(job.id), "model": job.model})
+        output = services.wait_for_output(job, settings.LLM_CONFIG.job_timeout_for(run.deployment))
+        return JsonResponse({"message": output, "job_id": str(job.id), "model": job.model})
 
 
 class JobCreateView(APIView):

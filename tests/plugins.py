@@ -57,3 +57,13 @@ class Stubborn:
             with contextlib.suppress(BaseException):  # swallowing the soft limit is the point
                 time.sleep(0.05)
         return input_text
+
+
+class BadOutput:
+    """Returns something that cannot travel as JSON."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def run(self, input_text: str) -> dict:
+        return {"raw": input_text.encode()}

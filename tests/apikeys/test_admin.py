@@ -8,25 +8,39 @@ from apikeys.models import ApiKey
 pytestmark = pytest.mark.django_db
 
 
-def test_add_shows_the_key_once(admin_client):
+def test_add_shows_the_key_once_and_only_in_the_page(admin_client):
     response = admin_client.post(
         "/admin/apikeys/apikey/add/",
         {"name": "team", "owner_email": "t@example.com", "note": "", "max_calls": "5", "allowed_models": "[]"},
-        follow=True,
     )
     assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
     api_key = ApiKey.objects.get()
     page = response.content.decode()
     start = page.index(f"dla_{api_key.prefix}_")
     plaintext = page[start:].split("<", 1)[0]
-    assert api_key.secret_hash == hash_secret(plaintext.split("_", 2)[2])
-
+    secret = plaintext.split("_", 2)[2]
+    assert api_key.secret_hash == hash_secret(secret)
+    # Not in a cookie (the default message storage), nor anywhere afterwards.
+    assert all(secret not in morsel.value for morsel in response.cookies.values())
     listing = admin_client.get("/admin/apikeys/apikey/").content.decode()
     change = admin_client.get(f"/admin/apikeys/apikey/{api_key.id}/change/").content.decode()
-    secret = plaintext.split("_", 2)[2]
     assert secret not in listing and secret not in change
     assert api_key.prefix in listing
     assert "0 / 5" in listing
+
+
+def test_editing_a_key_keeps_calls_consumed_meanwhile(admin_client):
+    api_key, _ = ApiKey.objects.issue(name="a", max_calls=10)
+    form = admin_client.get(f"/admin/apikeys/apikey/{api_key.id}/change/")
+    assert form.status_code == 200
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=7)  # calls served while the form was open
+    admin_client.post(
+        f"/admin/apikeys/apikey/{api_key.id}/change/",
+        {"name": "renamed", "owner_email": "", "note": "", "max_calls": "10", "allowed_models": "[]"},
+    )
+    api_key.refresh_from_db()
+    assert (api_key.name, api_key.calls_used) == ("renamed", 7)
 
 
 def test_revoke_and_reset_actions(admin_client):

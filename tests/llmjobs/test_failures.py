@@ -89,3 +89,14 @@ def test_database_down_is_503(live, key, web_with):
     response = requests.post(f"{url}/api/", headers={"Authorization": f"Bearer {key}"}, json={"text": "hi"}, timeout=30)
     assert response.status_code == 503
     assert error_of(response)["code"] == "database_unavailable"
+
+
+def test_output_that_is_not_json_fails_the_job_at_once(live, key):
+    started = time.monotonic()
+    response = live.post("/api/", key, json={"text": "hi", "model": "bad-output"})
+    assert time.monotonic() - started < 5
+    assert response.status_code == 500
+    assert error_of(response)["code"] == "job_failed"
+    job = Job.objects.get(model="bad-output")
+    assert (job.status, job.refunded) == (Job.Status.FAILED, True)
+    assert key_row(key).calls_used == 0
