@@ -25,6 +25,10 @@ def parse_run_request(data: Any) -> RunRequest:
         raise ApiError(400, "missing_text", "The field 'text' is required.", param="text")
     if not isinstance(text, str):
         raise ApiError(400, "invalid_text", "The field 'text' must be a string.", param="text")
+    if not storable_text(text):
+        raise ApiError(
+            400, "invalid_text", "The field 'text' must be valid Unicode without NUL characters.", param="text"
+        )
     limit = settings.LLM_CONFIG.server.max_input_chars
     if len(text) > limit:
         raise ApiError(400, "text_too_long", f"The field 'text' is longer than {limit} characters.", param="text")
@@ -32,3 +36,14 @@ def parse_run_request(data: Any) -> RunRequest:
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "invalid_model", "The field 'model' must be a string.", param="model")
     return RunRequest(text, resolve_deployment(model))
+
+
+def storable_text(text: str) -> bool:
+    """NUL and lone surrogates are valid in JSON strings but in no database column."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

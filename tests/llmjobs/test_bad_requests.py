@@ -26,6 +26,31 @@ def test_invalid_body_is_400(live, key, body, code, param):
     assert key_row(key).calls_used == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ("[" * 20_000 + "]" * 20_000, "application/json"),
+        ('{"text": "hi"}', "application/json; charset=rot13"),
+        ('{"text": "hi"}', "application/json; charset=zlib"),
+        (b'{"text": "\xff\xfe"}', "application/json"),
+    ],
+)
+def test_unreadable_bodies_are_400(live, key, body, content_type):
+    response = live.post("/api/", key, data=body, headers={"Content-Type": content_type})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_json"
+    assert key_row(key).calls_used == 0
+
+
+@pytest.mark.parametrize("raw_text", ["a\\u0000b", "a\\ud800b"])
+def test_text_no_database_can_store_is_400(live, key, raw_text):
+    body = '{"text": "' + raw_text + '", "model": "echo"}'
+    response = live.post("/api/", key, data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_text"
+    assert key_row(key).calls_used == 0
+
+
 def test_non_json_is_400(live, key):
     response = live.post("/api/", key, data="text=hello", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
