@@ -9,7 +9,12 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangollmapi.settings")
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    from djangollmapi.config import ConfigError
+
+    try:
+        execute_from_command_line(sys.argv)
+    except ConfigError as exc:
+        sys.exit(f"djangollmapi: configuration error: {exc}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ file fails at start with the file, the key and the reason, never later at reques
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -24,6 +25,7 @@ DEVICE_PATTERN = re.compile(r"^(cpu(:\d+)?|cuda:\d+|mps)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
 
 DEMO_MODEL_DIR = "smollm2-135m-instruct"
+MIN_HEARTBEAT_S = 0.1
 
 
 class ConfigError(Exception):
@@ -160,6 +162,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "-", f"not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "-", "not UTF-8 text") from exc
     except OSError as exc:
         raise ConfigError(str(path), "-", f"cannot read ({exc.strerror})") from exc
 
@@ -199,7 +203,7 @@ def parse_server(raw: dict[str, Any], source: str, base_dir: Path) -> ServerConf
     known = set(ServerConfig.__dataclass_fields__)
     check_known_keys(raw, known, source, "server.")
     data_dir = os.environ.get(DATA_DIR_ENV) or expect(raw, "data_dir", str, source, "server.", DEFAULT_DATA_DIR)
-    data_path = Path(data_dir).expanduser()
+    data_path = expand_path(data_dir, source, "server.data_dir")
     if not data_path.is_absolute():
         data_path = (base_dir / data_path).resolve()
     values: dict[str, Any] = {"data_dir": data_path}
@@ -214,9 +218,11 @@ def parse_server(raw: dict[str, Any], source: str, base_dir: Path) -> ServerConf
             values[key] = tuple(value)
         else:
             values[key] = expect(raw, key, kind, source, "server.", default)
-    for key in ("port", "web_workers", "web_threads", "max_body_bytes", "max_input_chars"):
+    for key in ("port", "web_workers", "web_threads", "max_body_bytes", "max_input_chars", "max_queue_depth"):
         if values[key] <= 0:
             raise ConfigError(source, f"server.{key}", "must be positive")
+    if values["port"] > 65535:
+        raise ConfigError(source, "server.port", "must be at most 65535")
     if values["hsts_seconds"] < 0:
         raise ConfigError(source, "server.hsts_seconds", "must be 0 or more")
     if values["job_timeout_s"] <= 0:
@@ -234,6 +240,8 @@ def parse_worker(raw: dict[str, Any], source: str) -> WorkerConfig:
         if value <= 0:
             raise ConfigError(source, f"worker.{key}", "must be positive")
         values[key] = value
+    if values["heartbeat_s"] < MIN_HEARTBEAT_S:
+        raise ConfigError(source, "worker.heartbeat_s", f"must be at least {MIN_HEARTBEAT_S}")
     return WorkerConfig(**values)
 
 
@@ -262,8 +270,18 @@ def resolve_model_path(value: Any, models_dir: Path, source: str, prefix: str) -
     """A relative `model_path` names a folder under `<data_dir>/models/`."""
     if not isinstance(value, str) or not value:
         raise ConfigError(source, prefix + "options.model_path", "must be a non-empty string")
-    path = Path(value).expanduser()
+    path = expand_path(value, source, prefix + "options.model_path")
     return str(path if path.is_absolute() else models_dir / path)
+
+
+def expand_path(value: str, source: str, key: str) -> Path:
+    """`~` expanded; an unknown user or a NUL byte is the config's error, not a crash."""
+    if "\x00" in value:
+        raise ConfigError(source, key, "must not contain a NUL character")
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:
+        raise ConfigError(source, key, f"cannot expand {value!r} ({exc})") from exc
 
 
 def check_unique_names(deployments: tuple[Deployment, ...], source: str) -> None:
@@ -307,6 +325,8 @@ def expect(raw: dict[str, Any], key: str, kind: Any, source: str, prefix: str, d
         raise ConfigError(source, prefix + key, f"must be {_kind_name(kind)}, not a boolean")
     if not isinstance(value, kind):
         raise ConfigError(source, prefix + key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, prefix + key, "must be a finite number")
     return value
 
 

@@ -29,12 +29,17 @@ class JsonErrorsMiddleware:
         self.max_body_bytes = settings.LLM_CONFIG.server.max_body_bytes
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if request.path.startswith(API_PREFIXES) and self.body_too_large(request):
-            return error_response(
-                413,
-                "request_too_large",
-                f"The request body is larger than {self.max_body_bytes} bytes.",
-            )
+        if request.path.startswith(API_PREFIXES):
+            if "HTTP_TRANSFER_ENCODING" in request.META and not request.META.get("CONTENT_LENGTH"):
+                # Django would read a chunked body as empty, and the size limit could
+                # not be checked before reading it.
+                return error_response(411, "length_required", "Send the body with a Content-Length header.")
+            if self.body_too_large(request):
+                return error_response(
+                    413,
+                    "request_too_large",
+                    f"The request body is larger than {self.max_body_bytes} bytes.",
+                )
         return self.get_response(request)
 
     def body_too_large(self, request: HttpRequest) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from djangollmapi.config import load_config
+from djangollmapi.config import ConfigError, load_config
 
 # Models load from local folders only; there is no hub to ask.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BASE_DIR = Path(__file__).resolve().parent.parent
 LLM_CONFIG = load_config()
 DATA_DIR = LLM_CONFIG.server.data_dir
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    raise ConfigError(LLM_CONFIG.source, "server.data_dir", f"cannot create {DATA_DIR} ({exc.strerror})") from exc
 
 
 def read_or_create_secret_key(data_dir: Path) -> str:

@@ -109,6 +109,17 @@ device = "cuda:0"
         ("[worker]\nload_timeout_s = -1\n", "worker.load_timeout_s", "must be positive"),
         ("[server]\nhttps = 'yes'\n", "server.https", "must be true or false"),
         ("[server]\njob_timeout_s = true\n", "server.job_timeout_s", "not a boolean"),
+        ("[server]\njob_timeout_s = inf\n", "server.job_timeout_s", "finite"),
+        ("[server]\njob_timeout_s = nan\n", "server.job_timeout_s", "finite"),
+        ("[worker]\ntime_limit_s = inf\n", "worker.time_limit_s", "finite"),
+        ("[worker]\nheartbeat_s = 0.001\n", "worker.heartbeat_s", "at least"),
+        ("[server]\nport = 70000\n", "server.port", "at most 65535"),
+        ("[server]\nmax_queue_depth = 0\n", "server.max_queue_depth", "must be positive"),
+        (
+            "[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\ntimeout_s = inf\n",
+            "deployments[0].timeout_s",
+            "finite",
+        ),
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
@@ -119,6 +130,20 @@ def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, r
     assert caught.value.key == key
     assert reason in caught.value.reason
     assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+def test_unknown_user_in_data_dir_is_a_config_error(clean_env, tmp_path):
+    clean_env.delenv("DJANGO_LLM_API_DATA_DIR")
+    path = write(tmp_path, "[server]\ndata_dir = '~nosuchuser4242/x'\n")
+    with pytest.raises(ConfigError, match=r"server\.data_dir: cannot expand"):
+        load_config(path)
+
+
+def test_non_utf8_file_is_a_config_error(clean_env, tmp_path):
+    path = tmp_path / "djangollmapi.toml"
+    path.write_bytes(b"[server]\nhost = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
 
 
 def test_the_shipped_example_config_parses(clean_env):
@@ -139,4 +164,5 @@ def test_broken_config_stops_manage_py_with_the_reason(clean_env, tmp_path):
         [sys.executable, str(ROOT / "manage.py"), "check"], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode != 0
-    assert f"{path}: server.port: must be an integer" in result.stderr
+    assert f"djangollmapi: configuration error: {path}: server.port: must be an integer" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -65,6 +65,14 @@ def test_body_over_limit_is_413(live, key):
     assert key_row(key).calls_used == 0
 
 
+def test_chunked_body_is_411(live, key):
+    chunks = iter([b'{"text": ', b'"hi"}'])
+    response = live.post("/api/", key, data=chunks, headers={"Content-Type": "application/json"})
+    assert response.status_code == 411
+    assert error_of(response)["code"] == "length_required"
+    assert key_row(key).calls_used == 0
+
+
 def test_unknown_model_is_404(live, key):
     response = live.post("/api/", key, json={"text": "hi", "model": "gpt-9"})
     assert response.status_code == 404
