@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -44,6 +45,12 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix})"
+
+    def clean(self) -> None:
+        """A list of names, nothing else: a bare string would match by substring."""
+        models_list = self.allowed_models
+        if not isinstance(models_list, list) or not all(isinstance(m, str) and m for m in models_list):
+            raise ValidationError({"allowed_models": 'Give a list of model names, e.g. ["echo"], or [] for all.'})
 
     # DRF treats the authenticated principal as a user.
     is_authenticated = True

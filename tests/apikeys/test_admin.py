@@ -64,3 +64,14 @@ def test_jobs_are_listed_read_only(admin_client):
     assert admin_client.get("/admin/llmjobs/job/add/").status_code == 403
     detail = admin_client.get(f"/admin/llmjobs/job/{job.id}/change/")
     assert detail.status_code == 200 and 'name="_save"' not in detail.content.decode()
+
+
+@pytest.mark.parametrize("value", ['"echo"', "5", '["echo", 3]', '[""]', "{}"])
+def test_allowed_models_must_be_a_list_of_names(admin_client, value):
+    response = admin_client.post(
+        "/admin/apikeys/apikey/add/",
+        {"name": "x", "owner_email": "", "note": "", "max_calls": "", "allowed_models": value},
+    )
+    assert response.status_code == 200
+    assert "Give a list of model names" in response.content.decode()
+    assert not ApiKey.objects.exists()
