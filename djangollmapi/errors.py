@@ -14,6 +14,8 @@ from rest_framework import exceptions as drf_exceptions
 
 log = logging.getLogger(__name__)
 
+BROKER_UNAVAILABLE = "The job queue is unavailable; retry later."
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

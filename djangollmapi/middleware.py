@@ -11,7 +11,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from kombu.exceptions import OperationalError as BrokerError
 
-from djangollmapi.errors import ApiError, error_response
+from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError, error_response
 
 log = logging.getLogger("djangollmapi.errors")
 
@@ -58,7 +58,7 @@ class JsonErrorsMiddleware:
             return error_response(503, "database_unavailable", "The database is unavailable; retry later.")
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, BrokerError)):
             log.error("broker unavailable on %s: %s", request.path, type(exc).__name__)
-            return error_response(503, "broker_unavailable", "The job queue is unavailable; retry later.")
+            return error_response(503, "broker_unavailable", BROKER_UNAVAILABLE)
         if isinstance(exc, DatabaseError):
             log.exception("database error on %s", request.path)
         else:

@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from apikeys.services import refund_call
 from djangollmapi.celery import app as celery_app
 from djangollmapi.config import Deployment
-from djangollmapi.errors import ApiError
+from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from llmjobs import events
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
@@ -71,7 +71,7 @@ def enqueue_job(job: Job, payload: Any) -> None:
     except (BrokerError, events.redis.RedisError, OSError) as exc:
         log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
         fail_job(job.id, "broker_unavailable", "The job queue is unavailable.")
-        raise ApiError(503, "broker_unavailable", "The job queue is unavailable; retry later.") from exc
+        raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from exc
 
 
 HARD_LIMIT_GRACE_S = 2.0
@@ -177,7 +177,7 @@ def wait_for_output(job: Job, timeout_s: float) -> Any:
         event = events.wait_for_terminal_event(str(job.id), timeout_s)
     except redis.RedisError:
         if fail_job(job.id, "broker_unavailable", "The job queue became unavailable."):
-            raise ApiError(503, "broker_unavailable", "The job queue is unavailable; retry later.") from None
+            raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from None
         return recorded_output(job.id)
     if event is None:
         if time_out_job(job.id):
