@@ -8,8 +8,77 @@ SupportsEmbed)``, so a plug-in that only implements ``run`` keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the OpenAI-compatible endpoints ask a model for, as plain data.
+
+    Exactly one of ``messages`` (chat: ``{"role", "content"}`` dicts, content a string)
+    and ``prompt`` (completions: raw text, no chat template) is set. ``max_tokens`` is
+    always concrete: the web tier has already capped it by the deployment's
+    ``max_new_tokens``, because the key's token budget reserved exactly that many.
+    ``None`` for ``temperature``, ``top_p`` or ``seed`` means the deployment's own
+    default. It crosses the queue as JSON (:meth:`as_payload` / :meth:`from_payload`).
+    """
+
+    max_tokens: int
+    messages: tuple[Mapping[str, str], ...] | None = None
+    prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def as_payload(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "messages": [dict(m) for m in self.messages] if self.messages is not None else None,
+            "prompt": self.prompt,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> GenerationRequest:
+        messages = payload.get("messages")
+        return cls(
+            max_tokens=int(payload["max_tokens"]),
+            messages=tuple(dict(m) for m in messages) if messages is not None else None,
+            prompt=payload.get("prompt"),
+            temperature=payload.get("temperature"),
+            top_p=payload.get("top_p"),
+            stop=tuple(payload.get("stop") or ()),
+            seed=payload.get("seed"),
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer with the numbers usage records need.
+
+    ``finish_reason``: ``"stop"`` (end-of-text token or a stop string), ``"length"``
+    (hit ``max_tokens``) or ``"cancelled"`` (``emit`` returned False: nobody listens).
+    ``completion_tokens`` counts every token generated, including the end-of-text one
+    and any cut off by a stop string, because the device spent the time on them.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+# emit(text_delta) -> keep going? False means the client went away: stop within one
+# token step and return what was made so far with finish_reason "cancelled".
+Emit = Callable[[str], bool]
 
 
 @runtime_checkable
@@ -56,10 +125,12 @@ class SupportsGenerate(Protocol):
     are produced and usage numbers, which is what this method supplies.
     """
 
-    def generate(self, request: Any, emit: Callable[..., None]) -> Any:
-        """Produce the answer to ``request``, calling ``emit`` with each piece as it is made.
+    def generate(self, request: GenerationRequest, emit: Emit) -> Completion:
+        """Produce the answer to ``request``, calling ``emit`` with each new piece of
+        text as soon as it is decoded (the pieces joined are exactly ``Completion.text``).
 
-        Returns the final result including prompt and completion token counts.
+        When ``emit`` returns False, stop before the next token and return with
+        ``finish_reason="cancelled"``: that is how a client's disconnect frees the device.
         """
 
 

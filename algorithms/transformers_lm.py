@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from algorithms.base import Completion, Emit, GenerationRequest
+from algorithms.textstream import IncrementalDecoder, StreamedText
+
 DEFAULT_MODEL_PATH = "smollm2-135m-instruct"
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated answer with the numbers usage records need."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-text token) or "length" (hit max_new_tokens)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,7 +107,8 @@ class TextGeneration:
     def complete(self, input_text: str) -> Completion:
         """Like :meth:`run`, with token counts and the reason generation stopped."""
         prompt_ids = self.encode_prompt(self.render_prompt(input_text))
-        new_ids = self._generate_new_tokens(prompt_ids)
+        config = self._generation_config(self.max_new_tokens, self.temperature, self.top_p)
+        new_ids = self._generate_new_tokens(prompt_ids, config, self.seed)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         return Completion(
             text=text,
@@ -113,6 +116,25 @@ class TextGeneration:
             completion_tokens=len(new_ids),
             finish_reason=self._finish_reason(new_ids),
         )
+
+    def generate(self, request: GenerationRequest, emit: Emit) -> Completion:
+        """Answer ``request``, handing each settled piece of text to ``emit`` as it is decoded.
+
+        The request's sampling values override the deployment's; ``max_tokens`` is capped
+        by the deployment's ``max_new_tokens`` (the prompt budget was sized for it).
+        """
+        prompt_ids = self.tokenize(request)
+        stream = StreamedText(emit, request.stop)
+        decoder = IncrementalDecoder(self._decode)
+        self._generate_new_tokens(
+            prompt_ids,
+            self._request_generation_config(request),
+            seed=_override(request.seed, self.seed),
+            stopping_criteria=StoppingCriteriaList([_StreamEachToken(decoder, stream)]),
+        )
+        stream.add(decoder.flush())
+        stream.close()
+        return stream.completion(len(prompt_ids), len(decoder.token_ids), self._finish_reason(decoder.token_ids))
 
     def render_prompt(self, input_text: str) -> str:
         """The text the model sees: the chat template around a user turn, or the raw text."""
@@ -128,17 +150,61 @@ class TextGeneration:
         assistant header the model must continue from.
         """
         # A rendered chat template already contains its special tokens.
-        add_special_tokens = not self.tokenizer.chat_template
+        return self._encode(prompt, add_special_tokens=not self.tokenizer.chat_template)
+
+    def render_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for a chat: the model's chat template, or a plain one without it.
+
+        The plain template (for models that ship no chat template) writes each message
+        as ``"{role}: {content}\\n"`` with the role as given (``system``, ``user``,
+        ``assistant``), then ``"assistant:"`` for the model to continue, e.g.
+        ``"system: Be brief.\\nuser: Hi\\nassistant:"``.
+        """
+        if self.tokenizer.chat_template:
+            turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt ids :meth:`generate` feeds the model for ``request``, already truncated.
+
+        Messages go through :meth:`render_messages`; a ``prompt`` is raw text encoded with
+        the tokenizer's usual special tokens. An empty prompt becomes the start token,
+        because the model needs at least one position to continue from.
+        """
+        if (request.messages is None) == (request.prompt is None):
+            raise ValueError("a generation request needs exactly one of messages and prompt")
+        if request.messages is not None:
+            text = self.render_messages(request.messages)
+            # A rendered chat template already contains its special tokens.
+            ids = self._encode(text, add_special_tokens=not self.tokenizer.chat_template)
+        else:
+            ids = self._encode(request.prompt, add_special_tokens=True)
+        return ids or [self._start_token_id()]
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """How many prompt tokens :meth:`generate` would use for ``request`` (``/v1/tokenize``)."""
+        return len(self.tokenize(request))
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` takes for this model, without special tokens."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenizer.encode(
-            prompt,
+            text,
             add_special_tokens=add_special_tokens,
             truncation=True,
             max_length=self.prompt_budget,
         )
 
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` takes for this model, without special tokens."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        # No space clean-up: it can rewrite text already streamed (" ." -> ".").
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _start_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
@@ -165,37 +231,76 @@ class TextGeneration:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         return int(limit) if limit else 1 << 30
 
-    def _generate_new_tokens(self, prompt_ids: list[int]) -> list[int]:
+    def _generate_new_tokens(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        seed: int | None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+    ) -> list[int]:
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         attention_mask = torch.ones_like(input_ids)
         with torch.inference_mode():
-            if self.seed is not None:
+            if seed is not None:
                 # Seeded per request, so the same prompt and seed give the same answer.
-                torch.manual_seed(self.seed)
+                torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                generation_config=self._generation_config(),
+                generation_config=config,
+                stopping_criteria=stopping_criteria,
             )
         return output[0, len(prompt_ids) :].tolist()
 
-    def _generation_config(self) -> GenerationConfig:
+    def _request_generation_config(self, request: GenerationRequest) -> GenerationConfig:
+        max_new_tokens = min(request.max_tokens, self.max_new_tokens)
+        temperature = _override(request.temperature, self.temperature)
+        top_p = _override(request.top_p, self.top_p)
+        _check_sampling_options(max_new_tokens, temperature, top_p)
+        return self._generation_config(max_new_tokens, temperature, top_p)
+
+    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
         config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = self.max_new_tokens
+        config.max_new_tokens = max_new_tokens
         config.pad_token_id = self.tokenizer.pad_token_id
         config.max_length = None
-        if self.temperature == 0:
+        if temperature == 0:
             config.do_sample = False
             config.temperature, config.top_p, config.top_k = None, None, None
         else:
             config.do_sample = True
-            config.temperature, config.top_p = self.temperature, self.top_p
+            config.temperature, config.top_p = temperature, top_p
         return config
 
-    def _finish_reason(self, new_ids: list[int]) -> str:
+    def _finish_reason(self, new_ids: Sequence[int]) -> str:
         stop_ids = self.model.generation_config.eos_token_id
         stop_ids = set(stop_ids) if isinstance(stop_ids, list) else {stop_ids}
         return "stop" if new_ids and new_ids[-1] in stop_ids else "length"
+
+
+class _StreamEachToken(StoppingCriteria):
+    """Decode and emit each new token the moment it exists, and stop when the stream is done.
+
+    This is a stopping criterion rather than a ``BaseStreamer`` because of the order
+    inside ``generate`` (transformers 5.x): criteria run on each new token *before*
+    the streamer gets it, so a flag set by a streamer is only seen one step later, after
+    the model has spent a forward pass on a token nobody wants. Here a stop string or a
+    cancellation ends generation on the very token that caused it.
+    """
+
+    def __init__(self, decoder: IncrementalDecoder, stream: StreamedText) -> None:
+        self.decoder = decoder
+        self.stream = stream
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs: object) -> torch.Tensor:
+        # One request per call, so row 0 is the only row.
+        self.stream.add(self.decoder.push(int(input_ids[0, -1])))
+        return torch.full((input_ids.shape[0],), self.stream.done, dtype=torch.bool, device=input_ids.device)
+
+
+def _override(value: T | None, default: T) -> T:
+    """The request's value, or the deployment's default when the request left it out."""
+    return default if value is None else value
 
 
 def _check_sampling_options(max_new_tokens: int, temperature: float, top_p: float) -> None:

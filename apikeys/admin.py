@@ -13,10 +13,10 @@ from apikeys.models import ApiKey
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "owner_email", "window", "calls", "key_status", "last_used_at")
+    list_display = ("name", "prefix", "owner_email", "window", "calls", "tokens", "key_status", "last_used_at")
     list_filter = ("revoked_at",)
     search_fields = ("name", "prefix", "owner_email", "note")
-    readonly_fields = ("prefix", "created_at", "calls_used", "revoked_at", "last_used_at")
+    readonly_fields = ("prefix", "created_at", "calls_used", "tokens_used", "revoked_at", "last_used_at")
     fields = (
         "name",
         "owner_email",
@@ -24,10 +24,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "valid_from",
         "valid_until",
         "max_calls",
+        "max_tokens_total",
         "allowed_models",
         "prefix",
         "created_at",
         "calls_used",
+        "tokens_used",
         "revoked_at",
         "last_used_at",
     )
@@ -43,13 +45,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def calls(self, obj: ApiKey) -> str:
         return f"{obj.calls_used} / {'∞' if obj.max_calls is None else obj.max_calls}"
 
+    @admin.display(description="tokens used / max")
+    def tokens(self, obj: ApiKey) -> str:
+        return f"{obj.tokens_used} / {'∞' if obj.max_tokens_total is None else obj.max_tokens_total}"
+
     @admin.display(description="status")
     def key_status(self, obj: ApiKey) -> str:
         return obj.status()
 
     def save_model(self, request, obj: ApiKey, form, change: bool) -> None:
         if change:
-            # Only what the form changed: calls_used and revoked_at move under the admin's
+            # Only what the form changed: calls_used, tokens_used and revoked_at move under the admin's
             # feet (calls in flight, a revoke elsewhere) and must not be written back.
             obj.save(update_fields=form.changed_data or None)
             return
@@ -80,7 +86,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         count = services.revoke_keys(queryset)
         self.message_user(request, f"Revoked {count} key(s).")
 
-    @admin.action(description="Reset calls used to 0")
+    @admin.action(description="Reset calls and tokens used to 0")
     def reset_calls(self, request, queryset) -> None:
         count = services.reset_usage(queryset)
         self.message_user(request, f"Reset {count} key(s).")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from django.http import HttpRequest
 from rest_framework.authentication import BaseAuthentication
 
 from apikeys import selectors
 from apikeys.keys import PresentedKey, parse_key
 from apikeys.models import ApiKey
+from djangollmapi.errors import ApiError
+
+T = TypeVar("T")
 
 
 def presented_key(request: HttpRequest) -> PresentedKey:
@@ -28,6 +34,16 @@ def presented_key(request: HttpRequest) -> PresentedKey:
     if presented is None:
         raise selectors.unauthorized("invalid_api_key", "Incorrect API key provided.")
     return presented
+
+
+def parse_with_key_errors_first(presented: PresentedKey, parse: Callable[[Any], T], data: Any) -> T:
+    """`parse(data)`; when the body is bad, a bad key is reported instead, as a client
+    would expect, at the cost of one read on bad bodies only."""
+    try:
+        return parse(data)
+    except ApiError:
+        selectors.verified_key(presented)
+        raise
 
 
 class ApiKeyAuthentication(BaseAuthentication):

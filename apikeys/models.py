@@ -35,6 +35,12 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(
         default=list, blank=True, help_text='Model names this key may use, e.g. ["echo"]. Empty: all.'
     )
+    max_tokens_total = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Lifetime token budget (prompt + completion). Empty: unlimited.",
+    )
+    tokens_used = models.BigIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = ApiKeyManager()
@@ -61,6 +67,12 @@ class ApiKey(models.Model):
             return None
         return max(self.max_calls - self.calls_used, 0)
 
+    @property
+    def tokens_left(self) -> int | None:
+        if self.max_tokens_total is None:
+            return None
+        return max(self.max_tokens_total - self.tokens_used, 0)
+
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
 
@@ -74,4 +86,6 @@ class ApiKey(models.Model):
             return "expired"
         if self.max_calls is not None and self.calls_used >= self.max_calls:
             return "quota used"
+        if self.max_tokens_total is not None and self.tokens_used >= self.max_tokens_total:
+            return "tokens used"
         return "active"

@@ -32,7 +32,7 @@ def verified_key(presented: PresentedKey) -> ApiKey:
     return api_key
 
 
-def rejection_reason(presented: PresentedKey) -> ApiError:
+def rejection_reason(presented: PresentedKey, tokens_needed: int = 1) -> ApiError:
     """Why a consume failed, read after the fact (the rare path: one extra query)."""
     api_key = verified_key(presented)
     if api_key.max_calls is not None and api_key.calls_used >= api_key.max_calls:
@@ -40,5 +40,13 @@ def rejection_reason(presented: PresentedKey) -> ApiError:
             429,
             "quota_exhausted",
             f"This API key has used all {api_key.max_calls} of its calls.",
+        )
+    left = api_key.tokens_left
+    if left is not None and left < tokens_needed:
+        return ApiError(
+            429,
+            "token_budget_exhausted",
+            f"This API key has {left} of its {api_key.max_tokens_total} tokens left; "
+            f"this request may use up to {tokens_needed}. Lower max_tokens or ask for a larger budget.",
         )
     return ApiError(503, "key_busy", "The key changed while this call was checked; retry.")

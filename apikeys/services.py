@@ -27,36 +27,44 @@ class ConsumedCall(NamedTuple):
 
 CONSUME_SQL = f"""
 UPDATE {ApiKey._meta.db_table}
-   SET calls_used = calls_used + 1, last_used_at = %s
+   SET calls_used = calls_used + 1, tokens_used = tokens_used + %s, last_used_at = %s
  WHERE prefix = %s AND secret_hash = %s AND revoked_at IS NULL
    AND (valid_from IS NULL OR valid_from <= %s)
    AND (valid_until IS NULL OR valid_until > %s)
    AND (max_calls IS NULL OR calls_used < max_calls)
+   AND (max_tokens_total IS NULL OR tokens_used + %s <= max_tokens_total)
 RETURNING id, allowed_models
 """
 
 
-def consume_call(presented: PresentedKey) -> ConsumedCall:
-    """Authenticate and take one call in a single conditional UPDATE ... RETURNING, so
-    the quota is exact under any concurrency. Matching the hash in SQL leaks nothing:
-    the client controls the secret, not its SHA-256. Zero rows means the key cannot be
-    used; one more read finds out why."""
+def consume_call(presented: PresentedKey, reserve_tokens: int = 0) -> ConsumedCall:
+    """Authenticate, take one call and reserve `reserve_tokens` of the key's token
+    budget in a single conditional UPDATE ... RETURNING, so quota and budget are exact
+    under any concurrency. Matching the hash in SQL leaks nothing: the client controls
+    the secret, not its SHA-256. Zero rows means the key cannot be used; one more read
+    finds out why.
+
+    A call that reserves nothing (e.g. `/api/`, embeddings) still needs one token left,
+    so a spent budget stops every kind of call; what it really used is settled later."""
     now = connection.ops.adapt_datetimefield_value(timezone.now())
+    needed = max(reserve_tokens, 1)
+    params = [reserve_tokens, now, presented.prefix, presented.secret_hash, now, now, needed]
     with connection.cursor() as cursor:
-        cursor.execute(CONSUME_SQL, [now, presented.prefix, presented.secret_hash, now, now])
+        cursor.execute(CONSUME_SQL, params)
         row = cursor.fetchone()
     if row is None:
-        raise selectors.rejection_reason(presented)
+        raise selectors.rejection_reason(presented, needed)
     key_id, allowed = row
     return ConsumedCall(key_id, json.loads(allowed) if isinstance(allowed, str) else list(allowed or []))
 
 
-def consume_call_for_model(presented: PresentedKey, model: str) -> ConsumedCall:
+def consume_call_for_model(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> ConsumedCall:
     """consume_call, then the key's model list; a call on a forbidden model is handed
-    straight back so it costs nothing."""
-    call = consume_call(presented)
+    straight back, reservation included, so it costs nothing."""
+    call = consume_call(presented, reserve_tokens)
     if not call.may_use(model):
         refund_call(call.key_id)
+        settle_tokens(call.key_id, -reserve_tokens)
         raise ApiError(403, "model_not_allowed", f"This API key may not use the model {model!r}.", param="model")
     return call
 
@@ -66,9 +74,19 @@ def refund_call(key_id: int) -> None:
     ApiKey.objects.filter(id=key_id, calls_used__gt=0).update(calls_used=F("calls_used") - 1)
 
 
+def settle_tokens(key_id: int, delta: int) -> None:
+    """Correct a reservation by what the call really used (`used - reserved`). One
+    atomic increment, so concurrent settlements never lose each other's updates.
+    Callers make it happen once per job (llmjobs.services)."""
+    if delta:
+        ApiKey.objects.filter(id=key_id).update(tokens_used=F("tokens_used") + delta)
+
+
 def revoke_keys(queryset) -> int:
     return queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
 
 
 def reset_usage(queryset) -> int:
-    return queryset.update(calls_used=0)
+    """Start the key's counts afresh. Calls in flight settle against the new count,
+    which may then dip below zero by their reservations until they finish."""
+    return queryset.update(calls_used=0, tokens_used=0)

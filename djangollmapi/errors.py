@@ -22,6 +22,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "conflict_error",
     411: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",

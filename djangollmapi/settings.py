@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "djangollmapi",
     "apikeys",
     "llmjobs",
+    "gateway",
     "algorithms",
 ]
 

@@ -4,6 +4,7 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("llmjobs.urls")),
+    path("", include("gateway.urls")),
 ]
 
 handler400 = "djangollmapi.errors.bad_request_view"

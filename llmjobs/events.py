@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -50,6 +51,69 @@ def emit(job_id: str, event: str, **data: Any) -> None:
     pipe.xadd(key, {"event": event, "data": json.dumps(data)})
     pipe.expire(key, STREAM_TTL_S)
     pipe.execute()
+
+
+def publish_token(job_id: str, text: str | None, first: bool = False) -> bool:
+    """Append a `token` event (when `text` is given) and tell whether the job was
+    cancelled, in one round trip. The stream's expiry is set with its first event."""
+    pipe = redis_client().pipeline(transaction=False)
+    if text is not None:
+        key = stream_key(job_id)
+        pipe.xadd(key, {"event": "token", "data": json.dumps({"text": text})})
+        if first:
+            pipe.expire(key, STREAM_TTL_S)
+    pipe.exists(cancel_key(job_id))
+    return bool(pipe.execute()[-1])
+
+
+def read_events(job_id: str, after: str, block_ms: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """Events after id `after` as (id, event, data), waiting up to `block_ms` for the
+    first one; [] when none came."""
+    reply = redis_client().xread({stream_key(job_id): after}, block=max(1, block_ms))
+    return [
+        (entry_id, fields.get("event", ""), json.loads(fields.get("data", "{}")))
+        for _stream, entries in reply or ()
+        for entry_id, fields in entries
+    ]
+
+
+FOLLOW_SLICE_MS = 1000
+
+
+def follow(
+    job_id: str, timeout_s: float, client_gone: Callable[[], bool], idle_s: float = 15.0
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A job's events as they come, for a streaming response: ("token", {"text"}) with
+    every token that arrived together merged into one, then the terminal ("done" |
+    "error", data). ("idle", {}) after `idle_s` without events, so the caller can send
+    a keep-alive; ("gone", {}) when the client has disconnected; ("timeout", {}) at
+    the deadline. Reads in short slices so a disconnect is seen even while queued."""
+    deadline = time.monotonic() + timeout_s
+    last_id, quiet_since = "0-0", time.monotonic()
+    while (remaining := deadline - time.monotonic()) > 0:
+        if client_gone():
+            yield "gone", {}
+            return
+        entries = read_events(job_id, last_id, min(int(remaining * 1000), FOLLOW_SLICE_MS))
+        if not entries:
+            if time.monotonic() - quiet_since >= idle_s:
+                quiet_since = time.monotonic()
+                yield "idle", {}
+            continue
+        quiet_since = time.monotonic()
+        last_id = entries[-1][0]
+        pieces = []
+        for _entry_id, event, data in entries:
+            if event == "token":
+                pieces.append(data.get("text", ""))
+            elif event in TERMINAL_EVENTS:
+                if pieces:
+                    yield "token", {"text": "".join(pieces)}
+                yield event, data
+                return
+        if pieces:
+            yield "token", {"text": "".join(pieces)}
+    yield "timeout", {}
 
 
 def wait_for_terminal_event(job_id: str, timeout_s: float) -> dict[str, Any] | None:

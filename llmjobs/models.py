@@ -38,6 +38,9 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     refunded = models.BooleanField(default=False)
+    # Token budget: reserved from the key at dispatch, corrected once to what was used.
+    tokens_reserved = models.PositiveIntegerField(default=0)
+    tokens_settled = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -48,6 +51,10 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.status} {self.id}"
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
     @property
     def queue_wait_s(self) -> float | None:

@@ -18,7 +18,8 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from apikeys.services import refund_call
+from apikeys.keys import PresentedKey
+from apikeys.services import consume_call_for_model, refund_call, settle_tokens
 from djangollmapi.celery import app as celery_app
 from djangollmapi.config import Deployment
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
@@ -31,7 +32,25 @@ log = logging.getLogger(__name__)
 RUN_TASK = "llmjobs.run_job"
 
 
-def create_job(key_id: int, deployment: Deployment, text: str, kind: str = "run") -> Job:
+def submit_job(
+    presented: PresentedKey,
+    deployment: Deployment,
+    kind: str,
+    payload: Any,
+    *,
+    input_text: str,
+    reserve_tokens: int = 0,
+) -> Job:
+    """Take one call (and reserve tokens) from the key, record the job and queue it.
+    The call and the usage row commit together; a failed enqueue fails and refunds."""
+    with transaction.atomic():
+        call = consume_call_for_model(presented, deployment.name, reserve_tokens)
+        job = create_job(call.key_id, deployment, input_text, kind, reserve_tokens)
+    enqueue_job(job, payload)
+    return job
+
+
+def create_job(key_id: int, deployment: Deployment, text: str, kind: str = "run", tokens_reserved: int = 0) -> Job:
     """Record the call before it is queued, so even a lost job leaves a usage row."""
     store = settings.LLM_CONFIG.server.store_payloads
     return Job.objects.create(
@@ -41,6 +60,7 @@ def create_job(key_id: int, deployment: Deployment, text: str, kind: str = "run"
         kind=kind,
         input_text=text if store else "",
         input_chars=len(text),
+        tokens_reserved=tokens_reserved,
     )
 
 
@@ -106,11 +126,18 @@ def mark_running(job_id: str, worker: str) -> bool:
 
 
 def finish_job(
-    job_id: str, output: Any, prompt_tokens: int | None = None, completion_tokens: int | None = None
+    job_id: str,
+    output: Any,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    *,
+    store_output: bool = True,
 ) -> bool:
-    store = settings.LLM_CONFIG.server.store_payloads
-    return bool(
-        Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
+    """Record success and settle the key's tokens in one transaction. `store_output`
+    False keeps bulky outputs (embedding vectors) out of the table."""
+    store = settings.LLM_CONFIG.server.store_payloads and store_output
+    with transaction.atomic():
+        updated = Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
             status=Job.Status.SUCCEEDED,
             finished_at=timezone.now(),
             output=output if store else None,
@@ -118,31 +145,70 @@ def finish_job(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
-    )
+        if updated:
+            settle_job_tokens(job_id, (prompt_tokens or 0) + (completion_tokens or 0))
+    return bool(updated)
 
 
 def fail_job(job_id: str, code: str, message: str, refund: bool = True, only_running: bool = False) -> bool:
     """Mark an active job failed and, for server-side failures, refund its call once,
-    in one transaction: nobody sees a failed job whose call is not yet refunded."""
+    in one transaction: nobody sees a failed job whose call is not yet refunded. Its
+    token reservation is released either way: a failed job produced nothing usable."""
     statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
     with transaction.atomic():
         updated = Job.objects.filter(id=job_id, status__in=statuses).update(
             status=Job.Status.FAILED, finished_at=timezone.now(), error_code=code, error_message=message
         )
-        if updated and refund:
-            refund_job(job_id)
+        if updated:
+            settle_job_tokens(job_id, 0)
+            if refund:
+                refund_job(job_id)
     return bool(updated)
 
 
 def cancel_job(job_id: str) -> bool:
-    """Stop a job nobody waits for any more: a queued one is never run (the worker
-    checks the flag before it starts)."""
+    """Stop a job nobody waits for any more (its client went away). A queued one is
+    never run (the worker checks the flag before it starts) and its reservation is
+    released here; a running one stops at its next token and the worker records and
+    settles the tokens it made (`record_cancelled`). The call is not refunded: the
+    client chose to stop."""
     events.request_cancel(str(job_id))
+    now = timezone.now()
+    with transaction.atomic():
+        if Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(status=Job.Status.CANCELLED, finished_at=now):
+            settle_job_tokens(job_id, 0)
+            return True
     return bool(
-        Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
-            status=Job.Status.CANCELLED, finished_at=timezone.now()
-        )
+        Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(status=Job.Status.CANCELLED, finished_at=now)
     )
+
+
+def record_cancelled(job_id: str, prompt_tokens: int, completion_tokens: int) -> bool:
+    """Worker side: the job stopped because it was cancelled; keep what it produced on
+    the row and charge exactly that. A job that failed meanwhile (its waiting request
+    timed out) stays failed and uncharged."""
+    with transaction.atomic():
+        updated = Job.objects.filter(id=job_id, status__in=[Job.Status.RUNNING, Job.Status.CANCELLED]).update(
+            status=Job.Status.CANCELLED,
+            finished_at=timezone.now(),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        if updated:
+            settle_job_tokens(job_id, prompt_tokens + completion_tokens)
+    return bool(updated)
+
+
+def settle_job_tokens(job_id, used: int) -> bool:
+    """Replace the job's token reservation on its key by `used`, exactly once however
+    many paths end the job (the claim on `tokens_settled` is the guard)."""
+    with transaction.atomic():
+        claimed = Job.objects.filter(id=job_id, tokens_settled=False, api_key__isnull=False).update(tokens_settled=True)
+        if not claimed:
+            return False
+        key_id, reserved = Job.objects.filter(id=job_id).values_list("api_key_id", "tokens_reserved").get()
+        settle_tokens(key_id, used - reserved)
+    return True
 
 
 def refund_job(job_id: str) -> bool:
@@ -165,7 +231,13 @@ def time_out_job(job_id: str) -> bool:
     return failed
 
 
-ERROR_STATUS = {"job_timeout": 504, "broker_unavailable": 503, "no_worker": 503}
+ERROR_STATUS = {
+    "job_timeout": 504,
+    "broker_unavailable": 503,
+    "no_worker": 503,
+    "unsupported_operation": 400,
+    "cancelled": 409,
+}
 
 
 def wait_for_output(job: Job, timeout_s: float) -> Any:
@@ -180,12 +252,18 @@ def wait_for_output(job: Job, timeout_s: float) -> Any:
             raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from None
         return recorded_output(job.id)
     if event is None:
-        if time_out_job(job.id):
-            raise ApiError(504, "job_timeout", f"The model did not answer within {timeout_s:g} s.")
-        return recorded_output(job.id)
+        return give_up_on_job(job, timeout_s)
     if event["event"] == "error":
         raise job_error(event.get("code", "job_failed"), event.get("message", ""), job.id)
     return event["output"]
+
+
+def give_up_on_job(job: Job, timeout_s: float) -> Any:
+    """The wait is over: time the job out (504), unless it ended meanwhile, in which
+    case its recorded outcome is the answer."""
+    if time_out_job(job.id):
+        raise ApiError(504, "job_timeout", f"The model did not answer within {timeout_s:g} s.")
+    return recorded_output(job.id)
 
 
 def recorded_output(job_id) -> Any:
@@ -203,4 +281,5 @@ def recorded_output(job_id) -> Any:
 def job_error(code: str, message: str, job_id) -> ApiError:
     if code == "job_time_limit":  # the worker's deadline and ours read the same to a client
         code, message = "job_timeout", "The model did not answer in time."
-    return ApiError(ERROR_STATUS.get(code, 500), code, f"{message or 'The job failed.'} (job {job_id})")
+    param = "model" if code == "unsupported_operation" else None
+    return ApiError(ERROR_STATUS.get(code, 500), code, f"{message or 'The job failed.'} (job {job_id})", param=param)

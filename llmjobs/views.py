@@ -4,15 +4,11 @@ Views only translate HTTP; services do the work."""
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import transaction
 from django.http import JsonResponse
 from django.urls import reverse
 from rest_framework.views import APIView
 
-from apikeys import selectors as key_selectors
-from apikeys.authentication import presented_key
-from apikeys.services import consume_call_for_model
-from djangollmapi.errors import ApiError
+from apikeys.authentication import parse_with_key_errors_first, presented_key
 from llmjobs import selectors, services
 from llmjobs.models import Job
 from llmjobs.validation import RunRequest, parse_run_request
@@ -22,15 +18,8 @@ def submit_run(request) -> tuple[Job, RunRequest]:
     """Check key and body, take one call, record and enqueue the job. Key errors win
     over body errors, as a client would expect, at the cost of one read on bad bodies."""
     presented = presented_key(request)
-    try:
-        run = parse_run_request(request.data)
-    except ApiError:
-        key_selectors.verified_key(presented)
-        raise
-    with transaction.atomic():  # one commit for the call and its usage row
-        call = consume_call_for_model(presented, run.deployment.name)
-        job = services.create_job(call.key_id, run.deployment, run.text)
-    services.enqueue_job(job, run.text)
+    run = parse_with_key_errors_first(presented, parse_run_request, request.data)
+    job = services.submit_job(presented, run.deployment, "run", run.text, input_text=run.text)
     return job, run
 
 
@@ -99,6 +88,9 @@ class UsageView(APIView):
                     "calls_used": api_key.calls_used,
                     "max_calls": api_key.max_calls,
                     "calls_left": api_key.calls_left,
+                    "tokens_used": api_key.tokens_used,
+                    "max_tokens_total": api_key.max_tokens_total,
+                    "tokens_left": api_key.tokens_left,
                     "valid_from": api_key.valid_from.isoformat() if api_key.valid_from else None,
                     "valid_until": api_key.valid_until.isoformat() if api_key.valid_until else None,
                 },

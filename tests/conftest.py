@@ -179,3 +179,15 @@ def make_key(transactional_db):
 @pytest.fixture
 def key(make_key) -> str:
     return make_key()
+
+
+@pytest.fixture
+def sdk(live, make_key):
+    """The official OpenAI client pointed at the live server: `sdk(key)`, or `sdk()`
+    with a fresh unlimited key. No retries, so each error surfaces once."""
+    import openai
+
+    def make(api_key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{live.url}/v1", api_key=api_key or make_key(), max_retries=0, timeout=60)
+
+    return make
