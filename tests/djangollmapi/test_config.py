@@ -27,7 +27,7 @@ def test_no_file_gives_the_embedded_default(clean_env, tmp_path):
     clean_env.setenv("HOME", str(tmp_path))
     config = load_config()
     assert config.source == "<embedded default>"
-    assert [d.name for d in config.deployments] == ["smollm2", "echo"]
+    assert [d.name for d in config.deployments] == ["smollm2", "echo", "minilm"]
     assert config.server.default_model == "smollm2"
     assert config.devices == ["cpu"]
     assert config.embedded_redis and config.database_url == ""

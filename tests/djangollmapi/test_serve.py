@@ -1,6 +1,7 @@
 """`manage.py serve --demo`: the embedded profile from nothing to a working curl line,
 and Ctrl-C leaves no process behind."""
 
+import json
 import os
 import shlex
 import signal
@@ -91,6 +92,13 @@ def test_serve_demo_prints_a_working_curl_line_and_stops_cleanly(served):
     response = request_from_curl(curl)
     assert response.status_code == 200, response.text
     assert response.json()["message"] == "What is the capital of France?"
+    streamed = next(line.strip() for line in lines if line.strip().startswith("curl -sN "))
+    events = [e.removeprefix("data: ") for e in request_from_curl(streamed).text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text == "Name three colours."  # echo answers with the question
     assert len(processes_with_env("DJANGO_LLM_API_CONFIG", config)) >= 4  # serve, redis, worker, web
 
     process.send_signal(signal.SIGINT)

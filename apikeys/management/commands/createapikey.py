@@ -27,6 +27,9 @@ class Command(BaseCommand):
         parser.add_argument("--owner-email", default="")
         parser.add_argument("--note", default="")
         parser.add_argument("--max-calls", type=int, default=None, help="omit for unlimited; 0 = no calls")
+        parser.add_argument(
+            "--max-tokens", type=int, default=None, help="lifetime token budget (prompt + completion); omit for none"
+        )
         parser.add_argument("--valid-from", type=parse_moment, default=None)
         parser.add_argument("--valid-until", type=parse_moment, default=None)
         parser.add_argument("--models", default="", help="comma-separated model names; omit for all")
@@ -35,6 +38,8 @@ class Command(BaseCommand):
     def handle(self, *args, **opts) -> None:
         if opts["max_calls"] is not None and opts["max_calls"] < 0:
             raise CommandError("--max-calls must be 0 or more")
+        if opts["max_tokens"] is not None and opts["max_tokens"] < 0:
+            raise CommandError("--max-tokens must be 0 or more")
         if opts["valid_from"] and opts["valid_until"] and opts["valid_until"] <= opts["valid_from"]:
             raise CommandError("--valid-until must be after --valid-from")
         models = [name.strip() for name in opts["models"].split(",") if name.strip()]
@@ -43,6 +48,7 @@ class Command(BaseCommand):
             owner_email=opts["owner_email"],
             note=opts["note"],
             max_calls=opts["max_calls"],
+            max_tokens_total=opts["max_tokens"],
             valid_from=opts["valid_from"],
             valid_until=opts["valid_until"],
             allowed_models=models,

@@ -7,6 +7,7 @@ Ctrl-C (or SIGTERM) stops every process it started.
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import subprocess
@@ -124,6 +125,12 @@ class Command(BaseCommand):
         self.stdout.write(
             f"  curl -s {base_url}/api/ -H 'Authorization: Bearer {plaintext}' "
             "-H 'Content-Type: application/json' -d '{\"text\": \"What is the capital of France?\"}'"
+        )
+        chat = {"model": model, "stream": True, "messages": [{"role": "user", "content": "Name three colours."}]}
+        self.stdout.write(f"or, OpenAI-compatible and streamed (any OpenAI SDK works with base_url={base_url}/v1):")
+        self.stdout.write(
+            f"  curl -sN {base_url}/v1/chat/completions -H 'Authorization: Bearer {plaintext}' "
+            f"-H 'Content-Type: application/json' -d '{json.dumps(chat)}'"
         )
         self.stdout.write("")
 
