@@ -95,6 +95,8 @@ class Echo:
         return len(text.split())
 
     def _word_steps(self, words: list[str], limit: int) -> Iterator[str]:
+        if self.repeat and words and words[-1] == words[-1].rstrip():
+            words = [*words[:-1], words[-1] + " "]  # "a b" repeated reads "a b a b", not "a ba b"
         return islice(cycle(words) if self.repeat else iter(words), limit)
 
 

@@ -78,16 +78,17 @@ class SentenceEmbedding:
 
         Texts are batched by length (as sentence-transformers does), so each batch pads
         to similar lengths: padding is masked out of the result but still costs compute.
+        A text given twice is embedded once: the same text always gets the very same
+        vector (two rows of one batch may differ in the last bits), and costs nothing more.
         """
         texts = _checked_texts(texts)
-        by_length = sorted(range(len(texts)), key=lambda index: len(texts[index]), reverse=True)
-        vectors: list[list[float]] = [[] for _ in texts]
+        unique = list(dict.fromkeys(texts))
+        by_length = sorted(range(len(unique)), key=lambda index: len(unique[index]), reverse=True)
+        vectors: dict[str, list[float]] = {}
         for start in range(0, len(by_length), self.batch_size):
-            indices = by_length[start : start + self.batch_size]
-            batch_vectors = self._embed_batch([texts[index] for index in indices])
-            for index, vector in zip(indices, batch_vectors, strict=True):
-                vectors[index] = vector
-        return vectors
+            batch = [unique[index] for index in by_length[start : start + self.batch_size]]
+            vectors.update(zip(batch, self._embed_batch(batch), strict=True))
+        return [vectors[text] for text in texts]
 
     def count_tokens(self, text: str) -> int:
         """Tokens :meth:`embed` feeds the model for ``text``: special tokens

@@ -15,7 +15,7 @@ from apikeys.models import ApiKey
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ("name", "prefix", "owner_email", "window", "calls", "tokens", "key_status", "last_used_at")
     list_filter = ("revoked_at",)
-    search_fields = ("name", "prefix", "owner_email", "note")
+    search_fields = ("name", "prefix", "owner_email", "note", "jwt_subject")
     readonly_fields = ("prefix", "created_at", "calls_used", "tokens_used", "revoked_at", "last_used_at")
     fields = (
         "name",
@@ -26,6 +26,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "max_calls",
         "max_tokens_total",
         "allowed_models",
+        "jwt_subject",
         "prefix",
         "created_at",
         "calls_used",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from django.conf import settings
 from django.http import HttpRequest
 from rest_framework.authentication import BaseAuthentication
 
-from apikeys import selectors
+from apikeys import jwt_auth, selectors
 from apikeys.keys import PresentedKey, parse_key
 from apikeys.models import ApiKey
 from djangollmapi.errors import ApiError
@@ -18,7 +19,9 @@ T = TypeVar("T")
 
 def presented_key(request: HttpRequest) -> PresentedKey:
     """The key from `Authorization: Bearer <key>`, checked for form only (no database):
-    a missing header, another scheme or a malformed key is a 401 at once."""
+    a missing header, another scheme or a malformed key is a 401 at once. With [jwt]
+    configured, a bearer JWT is verified instead and stands for its subject's key
+    (apikeys.jwt_auth: one read, and one insert on a subject's first call)."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if not header:
         raise selectors.unauthorized("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
@@ -30,6 +33,9 @@ def presented_key(request: HttpRequest) -> PresentedKey:
     credentials = credentials.strip()
     if not credentials:
         raise selectors.unauthorized("missing_api_key", "The Bearer header carries no API key.")
+    jwt_config = settings.LLM_CONFIG.jwt
+    if jwt_config is not None and jwt_auth.looks_like_jwt(credentials):
+        return jwt_auth.presented_jwt(credentials, jwt_config)
     presented = parse_key(credentials)
     if presented is None:
         raise selectors.unauthorized("invalid_api_key", "Incorrect API key provided.")

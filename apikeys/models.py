@@ -42,6 +42,13 @@ class ApiKey(models.Model):
     )
     tokens_used = models.BigIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    jwt_subject = models.CharField(
+        max_length=255,
+        unique=True,
+        null=True,
+        blank=True,
+        help_text="JWT 'sub' claim that authenticates as this key ([jwt] in the config). Empty: none.",
+    )
 
     objects = ApiKeyManager()
 

@@ -46,16 +46,29 @@ def consume_call(presented: PresentedKey, reserve_tokens: int = 0) -> ConsumedCa
 
     A call that reserves nothing (e.g. `/api/`, embeddings) still needs one token left,
     so a spent budget stops every kind of call; what it really used is settled later."""
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
     needed = max(reserve_tokens, 1)
+    for _attempt in range(CONSUME_ATTEMPTS):
+        row = try_consume(presented, reserve_tokens, needed)
+        if row is not None:
+            key_id, allowed = row
+            return ConsumedCall(key_id, json.loads(allowed) if isinstance(allowed, str) else list(allowed or []))
+        reason = selectors.rejection_reason(presented, needed)
+        if reason.code != "key_busy":
+            raise reason
+    raise reason
+
+
+# A refusal with no reason left when read means a concurrent call changed the key in
+# between (e.g. settled its tokens, freeing room): try again before saying "busy".
+CONSUME_ATTEMPTS = 3
+
+
+def try_consume(presented: PresentedKey, reserve_tokens: int, needed: int) -> tuple | None:
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
     params = [reserve_tokens, now, presented.prefix, presented.secret_hash, now, now, needed]
     with connection.cursor() as cursor:
         cursor.execute(CONSUME_SQL, params)
-        row = cursor.fetchone()
-    if row is None:
-        raise selectors.rejection_reason(presented, needed)
-    key_id, allowed = row
-    return ConsumedCall(key_id, json.loads(allowed) if isinstance(allowed, str) else list(allowed or []))
+        return cursor.fetchone()
 
 
 def consume_call_for_model(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> ConsumedCall:

@@ -80,6 +80,69 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class UpstreamModel:
+    """A model name clients use, the provider's name for it, and its optional price
+    in US dollars per million input / output tokens (for spend reports)."""
+
+    name: str
+    upstream_name: str
+    input_price: float | None = None
+    output_price: float | None = None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if self.input_price is None and self.output_price is None:
+            return None
+        return (prompt_tokens * (self.input_price or 0) + completion_tokens * (self.output_price or 0)) / 1_000_000
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible provider behind our keys. Its secret is read from the
+    environment variable `api_key_env` when a request needs it, never from the file."""
+
+    name: str
+    base_url: str
+    models: tuple[UpstreamModel, ...]
+    api_key_env: str = ""
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_connections: int = 100
+    headers: tuple[tuple[str, str], ...] = ()
+    # Reserved from a key's token budget when a request names no max_tokens.
+    reserve_tokens: int = 1024
+
+    def model(self, name: str) -> UpstreamModel | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def secret(self) -> str:
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    allowed_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age_s: int = 600
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    """Bearer JWTs as an alternative to API keys: verified against a JWKS, the `sub`
+    claim mapped to an ApiKey so quotas and usage apply unchanged."""
+
+    issuer: str
+    audience: str
+    jwks_file: str = ""
+    jwks_url: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway_s: float = 30.0
+    create_keys: bool = True
+    max_calls: int | None = None
+    max_tokens_total: int | None = None
+    allowed_models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LLMConfig:
     source: str
     server: ServerConfig
@@ -87,6 +150,9 @@ class LLMConfig:
     deployments: tuple[Deployment, ...]
     database_url: str = ""
     redis_url: str = ""
+    upstreams: tuple[Upstream, ...] = ()
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    jwt: JwtConfig | None = None
 
     @property
     def models_dir(self) -> Path:
@@ -120,6 +186,19 @@ class LLMConfig:
 
     def deployment(self, name: str) -> Deployment | None:
         return next((d for d in self.deployments if d.name == name), None)
+
+    def upstream_for(self, model: str) -> tuple[Upstream, UpstreamModel] | None:
+        """The provider serving `model` and its entry there, or None (local or unknown)."""
+        for upstream in self.upstreams:
+            entry = upstream.model(model)
+            if entry is not None:
+                return upstream, entry
+        return None
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a client may ask for: local deployments, then upstream models."""
+        return [d.name for d in self.deployments] + [m.name for u in self.upstreams for m in u.models]
 
     def job_timeout_for(self, deployment: Deployment) -> float:
         return deployment.timeout_s or self.server.job_timeout_s
@@ -155,7 +234,7 @@ def load_config(path: Path | None = None) -> LLMConfig:
         raise ConfigError(str(path), "-", "file not found (set by $" + CONFIG_ENV + ")")
     else:
         raw, source = {}, "<embedded default>"
-    return parse_config(raw, source, base_dir=path.parent)
+    return parse_config(raw, source, base_dir=path.parent.resolve())
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -170,9 +249,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "-", f"cannot read ({exc.strerror})") from exc
 
 
+TOP_LEVEL_KEYS = {"server", "worker", "database", "redis", "deployments", "upstreams", "cors", "jwt"}
+
+
 def parse_config(raw: dict[str, Any], source: str, base_dir: Path) -> LLMConfig:
     """Validate the parsed TOML into typed config; every error names its key."""
-    check_known_keys(raw, {"server", "worker", "database", "redis", "deployments"}, source, "")
+    check_known_keys(raw, TOP_LEVEL_KEYS, source, "")
     server = parse_server(table(raw, "server", source), source, base_dir)
     worker = parse_worker(table(raw, "worker", source), source)
     database = table(raw, "database", source)
@@ -187,6 +269,8 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path) -> LLMConfig:
     models_dir = server.data_dir / "models"
     deployments = tuple(parse_deployment(entry, index, source, models_dir) for index, entry in enumerate(entries))
     check_unique_names(deployments, source)
+    upstreams = parse_upstreams(raw.get("upstreams", []), source)
+    check_unique_model_names(deployments, upstreams, source)
     if not server.default_model:
         server = replace_default_model(server, deployments[0].name)
     elif not any(d.name == server.default_model for d in deployments):
@@ -198,6 +282,9 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path) -> LLMConfig:
         deployments=deployments,
         database_url=os.environ.get("DATABASE_URL") or expect(database, "url", str, source, "database.", ""),
         redis_url=os.environ.get("REDIS_URL") or expect(redis, "url", str, source, "redis.", ""),
+        upstreams=upstreams,
+        cors=parse_cors(table(raw, "cors", source), source),
+        jwt=parse_jwt(raw["jwt"], source, base_dir) if "jwt" in raw else None,
     )
 
 
@@ -266,6 +353,214 @@ def parse_deployment(raw: Any, index: int, source: str, models_dir: Path) -> Dep
     if timeout is not None and timeout <= 0:
         raise ConfigError(source, prefix + "timeout_s", "must be positive")
     return Deployment(name=name, algorithm=algorithm, device=device, options=options, timeout_s=timeout)
+
+
+UPSTREAM_KEYS = {
+    "name",
+    "base_url",
+    "api_key_env",
+    "models",
+    "prices",
+    "timeout_s",
+    "connect_timeout_s",
+    "max_connections",
+    "headers",
+    "reserve_tokens",
+}
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by the gateway itself or meaningless between two hops; never from the config.
+RESERVED_HEADERS = {"authorization", "host", "content-length", "connection", "transfer-encoding", "te", "upgrade"}
+
+
+def parse_upstreams(raw: Any, source: str) -> tuple[Upstream, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(source, "upstreams", "must be an array of tables ([[upstreams]])")
+    upstreams = tuple(parse_upstream(entry, index, source) for index, entry in enumerate(raw))
+    names = [u.name for u in upstreams]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(source, f"upstreams[{index}].name", f"{name!r} is used twice")
+    return upstreams
+
+
+def parse_upstream(raw: Any, index: int, source: str) -> Upstream:
+    prefix = f"upstreams[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"upstreams[{index}]", "must be a table")
+    check_known_keys(raw, UPSTREAM_KEYS, source, prefix)
+    name = expect(raw, "name", str, source, prefix, None)
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(source, prefix + "name", f"{name!r} is not a valid name")
+    api_key_env = expect(raw, "api_key_env", str, source, prefix, "")
+    if api_key_env and not ENV_NAME_PATTERN.match(api_key_env):
+        raise ConfigError(source, prefix + "api_key_env", "must be the name of an environment variable")
+    values = {
+        key: float(expect(raw, key, (int, float), source, prefix, default))
+        for key, default in (("timeout_s", 60.0), ("connect_timeout_s", 5.0))
+    }
+    for key in ("max_connections", "reserve_tokens"):
+        values[key] = expect(raw, key, int, source, prefix, getattr(Upstream, key))
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(source, prefix + key, "must be positive")
+    models = parse_upstream_models(raw.get("models"), source, prefix)
+    models = apply_prices(models, expect(raw, "prices", dict, source, prefix, {}), source, prefix)
+    return Upstream(
+        name=name,
+        base_url=parse_base_url(expect(raw, "base_url", str, source, prefix, None), source, prefix),
+        models=models,
+        api_key_env=api_key_env,
+        headers=parse_headers(expect(raw, "headers", dict, source, prefix, {}), source, prefix),
+        **values,
+    )
+
+
+def parse_base_url(value: str, source: str, prefix: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(source, prefix + "base_url", "must be an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(source, prefix + "base_url", "must not have a query or fragment")
+    return value.rstrip("/")
+
+
+def parse_upstream_models(raw: Any, source: str, prefix: str) -> tuple[UpstreamModel, ...]:
+    """`["a", "b"]` exposes the provider's names as they are; a table
+    `{ "our-name" = "their-name" }` aliases them."""
+    key = prefix + "models"
+    if isinstance(raw, list):
+        pairs = [(item, item) for item in raw]
+    elif isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        raise ConfigError(source, key, "must be an array of model names or a table of aliases")
+    if not pairs:
+        raise ConfigError(source, key, "must name at least one model")
+    for ours, theirs in pairs:
+        if not isinstance(ours, str) or not NAME_PATTERN.match(ours):
+            raise ConfigError(source, key, f"{ours!r} is not a valid model name")
+        if not isinstance(theirs, str) or not theirs or len(theirs) > 200:
+            raise ConfigError(source, key, f"the provider's name for {ours!r} must be a non-empty string")
+    return tuple(UpstreamModel(ours, theirs) for ours, theirs in pairs)
+
+
+def apply_prices(
+    models: tuple[UpstreamModel, ...], raw: dict[str, Any], source: str, prefix: str
+) -> tuple[UpstreamModel, ...]:
+    """`prices = { "our-name" = { input = 0.15, output = 0.60 } }`: dollars per 1M tokens."""
+    by_name = {m.name: m for m in models}
+    for name, price in raw.items():
+        key = f"{prefix}prices.{name}"
+        if name not in by_name:
+            raise ConfigError(source, key, "is not one of this upstream's models")
+        if not isinstance(price, dict):
+            raise ConfigError(source, key, "must be a table { input = ..., output = ... }")
+        check_known_keys(price, {"input", "output"}, source, key + ".")
+        values = [optional_amount(price, side, source, key + ".") for side in ("input", "output")]
+        by_name[name] = UpstreamModel(name, by_name[name].upstream_name, *values)
+    return tuple(by_name[m.name] for m in models)
+
+
+def optional_amount(raw: dict[str, Any], key: str, source: str, prefix: str) -> float | None:
+    """A number >= 0 or absent (None), e.g. a price or a limit that may be unset."""
+    if key not in raw:
+        return None
+    value = expect(raw, key, (int, float), source, prefix, None)
+    if value < 0:
+        raise ConfigError(source, prefix + key, "must be 0 or more")
+    return value
+
+
+def parse_headers(raw: dict[str, Any], source: str, prefix: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for name, value in raw.items():
+        key = f"{prefix}headers.{name}"
+        if not re.match(r"^[A-Za-z0-9-]+$", name) or name.lower() in RESERVED_HEADERS:
+            raise ConfigError(source, key, "is not a header this gateway may set")
+        if not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise ConfigError(source, key, "must be a one-line string")
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def check_unique_model_names(deployments: tuple[Deployment, ...], upstreams: tuple[Upstream, ...], source: str) -> None:
+    """One name, one target: a client must never be able to reach two."""
+    seen = {d.name for d in deployments}
+    for index, upstream in enumerate(upstreams):
+        for model in upstream.models:
+            if model.name in seen:
+                raise ConfigError(source, f"upstreams[{index}].models", f"{model.name!r} is already a model name")
+            seen.add(model.name)
+
+
+def parse_cors(raw: dict[str, Any], source: str) -> CorsConfig:
+    check_known_keys(raw, {"allowed_origins", "allow_credentials", "max_age_s"}, source, "cors.")
+    origins = expect(raw, "allowed_origins", list, source, "cors.", [])
+    for origin in origins:
+        if not isinstance(origin, str) or not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(
+                source, "cors.allowed_origins", f"{origin!r} is not an origin like https://app.example.com"
+            )
+    max_age = expect(raw, "max_age_s", int, source, "cors.", 600)
+    if max_age < 0:
+        raise ConfigError(source, "cors.max_age_s", "must be 0 or more")
+    return CorsConfig(
+        allowed_origins=tuple(origins),
+        allow_credentials=expect(raw, "allow_credentials", bool, source, "cors.", False),
+        max_age_s=max_age,
+    )
+
+
+def is_https_or_loopback(url: str) -> bool:
+    """Keys for signature checks must come over TLS, or from this very host."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
+JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+
+def parse_jwt(raw: Any, source: str, base_dir: Path) -> JwtConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "jwt", "must be a table")
+    check_known_keys(raw, set(JwtConfig.__dataclass_fields__), source, "jwt.")
+    jwks_file = expect(raw, "jwks_file", str, source, "jwt.", "")
+    jwks_url = expect(raw, "jwks_url", str, source, "jwt.", "")
+    if bool(jwks_file) == bool(jwks_url):
+        raise ConfigError(source, "jwt", "set exactly one of jwks_file and jwks_url")
+    if jwks_url and not is_https_or_loopback(jwks_url):
+        raise ConfigError(source, "jwt.jwks_url", "must be an https:// URL (http:// only for 127.0.0.1)")
+    if jwks_file:
+        jwks_file = str((base_dir / expand_path(jwks_file, source, "jwt.jwks_file")).resolve())
+        if not Path(jwks_file).is_file():
+            raise ConfigError(source, "jwt.jwks_file", f"no such file: {jwks_file}")
+    algorithms = tuple(expect(raw, "algorithms", list, source, "jwt.", ["RS256", "ES256"]))
+    for algorithm in algorithms:
+        if algorithm not in JWT_ALGORITHMS:
+            raise ConfigError(source, "jwt.algorithms", f"{algorithm!r} is not an asymmetric JWS algorithm")
+    max_calls = optional_amount(raw, "max_calls", source, "jwt.")
+    max_tokens = optional_amount(raw, "max_tokens_total", source, "jwt.")
+    if any(isinstance(v, float) for v in (max_calls, max_tokens)):
+        raise ConfigError(source, "jwt", "max_calls and max_tokens_total must be integers")
+    allowed = expect(raw, "allowed_models", list, source, "jwt.", [])
+    if not all(isinstance(m, str) for m in allowed):
+        raise ConfigError(source, "jwt.allowed_models", "must be a list of model names")
+    return JwtConfig(
+        issuer=expect(raw, "issuer", str, source, "jwt.", None),
+        audience=expect(raw, "audience", str, source, "jwt.", None),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        algorithms=algorithms,
+        leeway_s=optional_amount(raw, "leeway_s", source, "jwt.") or (0.0 if "leeway_s" in raw else 30.0),
+        create_keys=expect(raw, "create_keys", bool, source, "jwt.", True),
+        max_calls=max_calls,
+        max_tokens_total=max_tokens,
+        allowed_models=tuple(allowed),
+    )
 
 
 def resolve_model_path(value: Any, models_dir: Path, source: str, prefix: str) -> str:

@@ -1,8 +1,13 @@
-"""Cross-cutting HTTP guards: body size limit and JSON for unexpected exceptions."""
+"""Cross-cutting HTTP concerns: one log line per API call, the body size limit, and
+JSON for unexpected exceptions."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -15,7 +20,67 @@ from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError, error_response
 
 log = logging.getLogger("djangollmapi.errors")
 
-API_PREFIXES = ("/api/", "/analyze/", "/v1/")
+API_PREFIXES = ("/api/", "/analyze/", "/v1/", "/extras/")
+request_log = logging.getLogger("djangollmapi.requests")
+
+
+def log_fields(request: HttpRequest) -> dict[str, Any]:
+    """What views know about a call and want in its log line (model, backend, job,
+    tokens); they add to this dict, the middleware writes it."""
+    request = getattr(request, "_request", request)  # DRF wraps Django's request
+    return request.__dict__.setdefault("_dla_log_fields", {})
+
+
+def key_label(request: HttpRequest) -> str:
+    """The key's public prefix (never its secret), "jwt" for a token, "-" for none."""
+    credentials = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")[2].strip()
+    parts = credentials.split("_")
+    if len(parts) >= 3 and parts[0] == "dla":
+        return parts[1][:12]
+    return "jwt" if credentials.count(".") == 2 else "-"
+
+
+class RequestLogMiddleware:
+    """One structured line per API call — request id, key prefix, model, backend,
+    status, tokens, latency — and never the prompt or the answer. A stream is logged
+    when it ends, so its line has the final tokens and its whole duration."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if not request.path.startswith(API_PREFIXES):
+            return self.get_response(request)
+        started = time.monotonic()
+        response = self.get_response(request)
+        write = lambda: self.write(request, response, started)  # noqa: E731
+        if response.streaming:
+            response.streaming_content = logged_when_done(response.streaming_content, write)
+        else:
+            write()
+        return response
+
+    def write(self, request: HttpRequest, response: HttpResponse, started: float) -> None:
+        fields = log_fields(request)
+        line = {
+            "request_id": fields.pop("request_id", None) or response.get("X-Request-Id"),
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "key": key_label(request),
+            **fields,
+            "latency_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        request_log.info(json.dumps(line, separators=(",", ":"), default=str))
+
+
+def logged_when_done(content: Iterable[bytes], write: Callable[[], None]) -> Iterator[bytes]:
+    try:
+        yield from content
+    finally:
+        write()
+
+
 DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)
 
 

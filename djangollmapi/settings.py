@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from corsheaders.defaults import default_headers as cors_default_headers
 
 from djangollmapi.config import ConfigError, load_config
 
@@ -45,6 +46,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "corsheaders",
     "djangollmapi",
     "apikeys",
     "llmjobs",
@@ -53,6 +55,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "djangollmapi.middleware.RequestLogMiddleware",
+    # Above everything that answers, so every API response, our JSON errors and
+    # preflights included, carries the CORS headers (and the request log sees them).
+    "corsheaders.middleware.CorsMiddleware",
     "djangollmapi.middleware.JsonErrorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -141,6 +147,30 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
 }
 
+# CORS for browser clients ([cors]): API paths only, never the admin. No origins
+# configured: no Access-Control-Allow-Origin on any response, so browsers refuse.
+CORS_ALLOWED_ORIGINS = list(LLM_CONFIG.cors.allowed_origins)
+CORS_ALLOW_CREDENTIALS = LLM_CONFIG.cors.allow_credentials
+CORS_PREFLIGHT_MAX_AGE = LLM_CONFIG.cors.max_age_s
+CORS_URLS_REGEX = r"^/(v1|api|analyze|extras)/"
+# What the official OpenAI JS SDK sends from a browser (dangerouslyAllowBrowser).
+OPENAI_SDK_HEADERS = (
+    "openai-beta",
+    "openai-organization",
+    "openai-project",
+    "x-stainless-arch",
+    "x-stainless-helper-method",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-timeout",
+)
+CORS_ALLOW_HEADERS = (*cors_default_headers, *OPENAI_SDK_HEADERS)
+CORS_EXPOSE_HEADERS = ("x-request-id", "x-upstream-request-id", "retry-after")
+
 # Celery: no result backend; each job's Redis stream carries its result (DESIGN.md).
 CELERY_BROKER_URL = LLM_CONFIG.broker_url
 # Celery's Django fixup closes the database (and tears down the pool) around every
@@ -167,6 +197,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": "INFO"},
     "loggers": {
         "django.request": {"level": "ERROR"},
+        # One JSON line per API call (djangollmapi.middleware.RequestLogMiddleware).
+        "djangollmapi.requests": {"level": "INFO"},
         # Two INFO lines per job ("received", "succeeded") cost the worker real time.
         "celery.app.trace": {"level": "WARNING"},
         "celery.worker.strategy": {"level": "WARNING"},

@@ -201,7 +201,58 @@ def generation_call(
 
 
 def parse_model(body: Body) -> Deployment:
-    return resolve_deployment(body.string("model", required=True))
+    """A local deployment; an upstream model here means an operation only local
+    models offer (tokenize), as the views route upstream calls before parsing."""
+    name = body.string("model", required=True)
+    if settings.LLM_CONFIG.upstream_for(name):
+        message = f"The model {name!r} is served upstream; this needs a local model."
+        raise ApiError(400, "unsupported_operation", message, param="model")
+    return resolve_deployment(name)
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """A request for a provider's model: checked only as far as we need it (model,
+    the input, stream flags, max_tokens for the token budget); everything else is the
+    provider's business and goes through untouched."""
+
+    kind: str
+    data: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    reserve_tokens: int
+    input_text: str
+
+    def body_for(self, upstream_name: str) -> dict[str, Any]:
+        """The body the provider gets: its own model name, and in a stream always the
+        usage chunk (it is how tokens are counted; stripped again if unasked)."""
+        body = {**self.data, "model": upstream_name}
+        if self.stream:
+            options = self.data.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return body
+
+
+UPSTREAM_INPUTS = {"chat": "messages", "completion": "prompt", "embeddings": "input"}
+
+
+def parse_upstream(kind: str, data: Any, default_reserve: int) -> UpstreamCall:
+    body = Body(data)
+    body.string("model", required=True)
+    field_name = UPSTREAM_INPUTS[kind]
+    value = body.raw(field_name, required=True)
+    if kind == "chat":
+        parse_messages(value)  # shape checked here, so a bad one costs no call
+    elif not isinstance(value, (str, list)) or not value:
+        raise invalid(field_name, f"'{field_name}' must be a string or a non-empty array.", "invalid_type")
+    input_text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    check_storable(field_name, input_text)
+    check_input_size(field_name, len(input_text))
+    stream = kind != "embeddings" and body.boolean("stream")
+    max_tokens = body.integer("max_completion_tokens", 1) or body.integer("max_tokens", 1)
+    reserve = 0 if kind == "embeddings" else (max_tokens or default_reserve)
+    include_usage = stream and parse_include_usage(body)
+    return UpstreamCall(kind, data, stream, include_usage, reserve, input_text)
 
 
 def capped_max_tokens(deployment: Deployment, requested: int | None) -> int:

@@ -67,11 +67,13 @@ def sse_response(stream: Iterator[bytes], job: Job) -> StreamingHttpResponse:
 
 
 def stream_generation(
-    job: Job, call: GenerationCall, timeout_s: float, client_gone: Callable[[], bool]
+    job: Job, call: GenerationCall, timeout_s: float, client_gone: Callable[[], bool], note: dict | None = None
 ) -> Iterator[bytes]:
     """Chunks as the worker makes tokens, then the finish chunk, the usage chunk when
     asked for, and `[DONE]`; an error after the 200 is an SSE error event. Whatever
-    stops this generator early (disconnect, failed write) cancels the job."""
+    stops this generator early (disconnect, failed write) cancels the job. `note`
+    receives the outcome for the request's log line."""
+    note = {} if note is None else note
     shape = CHAT_CHUNKS if call.kind == "chat" else COMPLETION_CHUNKS
     header = {
         "id": response_id(call.kind, job.id),
@@ -94,21 +96,24 @@ def stream_generation(
                 yield SSE_KEEPALIVE
             elif event == "gone":
                 log.info("client of job %s went away; cancelling", job.id)
+                note["outcome"] = "client_gone"
                 return
             else:
                 ended = True
-                yield from stream_ending(job, call, header, event, data, timeout_s)
+                yield from stream_ending(job, call, header, event, data, timeout_s, note)
                 return
     except redis.RedisError:
         ended = True
         if services.fail_job(job.id, "broker_unavailable", "The job queue became unavailable."):
+            note["outcome"] = "broker_unavailable"
             yield error_event(503, "broker_unavailable", BROKER_UNAVAILABLE)
         else:
-            yield from ending_from_record(job, call, header)
+            yield from ending_from_record(job, call, header, note)
     except Exception:
         ended = True
         log.exception("stream of job %s failed", job.id)
         services.fail_job(job.id, "internal_error", "The stream failed.")
+        note["outcome"] = "internal_error"
         yield error_event(500, "internal_error", "The server failed while streaming the answer.")
     finally:
         if not ended:
@@ -117,32 +122,45 @@ def stream_generation(
 
 
 def stream_ending(
-    job: Job, call: GenerationCall, header: Mapping[str, Any], event: str, data: Mapping[str, Any], timeout_s: float
+    job: Job,
+    call: GenerationCall,
+    header: Mapping[str, Any],
+    event: str,
+    data: Mapping[str, Any],
+    timeout_s: float,
+    note: dict,
 ) -> Iterator[bytes]:
     if event == "done":
-        yield from finish_chunks(call, header, data["output"])
+        yield from finish_chunks(call, header, data["output"], note)
     elif event == "error":
-        error = services.job_error(data.get("code", "job_failed"), data.get("message", ""), job.id)
-        yield error_event(error.status, error.code, error.message)
+        yield stream_error(services.job_error(data.get("code", "job_failed"), data.get("message", ""), job.id), note)
     else:  # timeout: whoever ends the job first wins, as for a waiting request
         try:
             result = services.give_up_on_job(job, timeout_s)
         except ApiError as error:
-            yield error_event(error.status, error.code, error.message)
+            yield stream_error(error, note)
         else:
-            yield from finish_chunks(call, header, result)
+            yield from finish_chunks(call, header, result, note)
 
 
-def ending_from_record(job: Job, call: GenerationCall, header: Mapping[str, Any]) -> Iterator[bytes]:
+def ending_from_record(job: Job, call: GenerationCall, header: Mapping[str, Any], note: dict) -> Iterator[bytes]:
     try:
         result = services.recorded_output(job.id)
     except ApiError as error:
-        yield error_event(error.status, error.code, error.message)
+        yield stream_error(error, note)
     else:
-        yield from finish_chunks(call, header, result)
+        yield from finish_chunks(call, header, result, note)
 
 
-def finish_chunks(call: GenerationCall, header: Mapping[str, Any], result: Mapping[str, Any]) -> Iterator[bytes]:
+def stream_error(error: ApiError, note: dict) -> bytes:
+    note["outcome"] = error.code
+    return error_event(error.status, error.code, error.message)
+
+
+def finish_chunks(
+    call: GenerationCall, header: Mapping[str, Any], result: Mapping[str, Any], note: dict
+) -> Iterator[bytes]:
+    note.update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
     shape = CHAT_CHUNKS if call.kind == "chat" else COMPLETION_CHUNKS
     yield sse_event(shape.chunk(header, None, finish_reason(result["finish_reason"]), call.include_usage))
     if call.include_usage:

@@ -13,8 +13,10 @@ from rest_framework.views import APIView
 
 from apikeys.authentication import parse_with_key_errors_first, presented_key
 from djangollmapi.errors import ApiError
-from gateway import protocol
+from djangollmapi.middleware import log_fields
+from gateway import protocol, proxy
 from gateway.streaming import client_gone_probe, sse_response, stream_generation
+from gateway.upstream import Route, route_for
 from llmjobs import services
 from llmjobs.models import Job
 
@@ -43,15 +45,27 @@ def submit(request, parse: Callable[[Any], Any]) -> tuple[Any, Job]:
         reserve_tokens=call.reserve_tokens,
     )
     services.release_db_connection()
+    log_fields(request).update(model=call.model, backend="local", request_id=str(job.id))
     return call, job
 
 
-def generation_response(request, parse: Callable[[Any], protocol.GenerationCall]) -> HttpResponse:
+def upstream_route(request) -> Route | None:
+    """The provider serving the body's model, if any: decided by a configured model
+    name alone, never by anything else the client sends."""
+    return route_for(request.data.get("model")) if isinstance(request.data, dict) else None
+
+
+def generation_response(request, parse: Callable[[Any], protocol.GenerationCall], kind: str) -> HttpResponse:
+    route = upstream_route(request)
+    if route is not None:
+        return proxy.forward(request, kind, route)
     call, job = submit(request, parse)
     timeout_s = settings.LLM_CONFIG.job_timeout_for(call.deployment)
     if call.stream:
-        return sse_response(stream_generation(job, call, timeout_s, client_gone_probe(request)), job)
+        stream = stream_generation(job, call, timeout_s, client_gone_probe(request), log_fields(request))
+        return sse_response(stream, job)
     result = services.wait_for_output(job, timeout_s)
+    log_fields(request).update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
     build = protocol.chat_completion if call.kind == "chat" else protocol.text_completion
     body = build(protocol.response_id(call.kind, job.id), int(job.created_at.timestamp()), call.model, result)
     return json_response(body, job)
@@ -63,7 +77,7 @@ class ChatCompletionsView(APIView):
     authentication_classes = []
 
     def post(self, request) -> HttpResponse:
-        return generation_response(request, protocol.parse_chat)
+        return generation_response(request, protocol.parse_chat, "chat")
 
 
 class CompletionsView(APIView):
@@ -72,7 +86,7 @@ class CompletionsView(APIView):
     authentication_classes = []
 
     def post(self, request) -> HttpResponse:
-        return generation_response(request, protocol.parse_completion)
+        return generation_response(request, protocol.parse_completion, "completion")
 
 
 class EmbeddingsView(APIView):
@@ -80,9 +94,13 @@ class EmbeddingsView(APIView):
 
     authentication_classes = []
 
-    def post(self, request) -> JsonResponse:
+    def post(self, request) -> HttpResponse:
+        route = upstream_route(request)
+        if route is not None:
+            return proxy.forward(request, "embeddings", route)
         call, job = submit(request, protocol.parse_embeddings)
         result = services.wait_for_output(job, settings.LLM_CONFIG.job_timeout_for(call.deployment))
+        log_fields(request)["prompt_tokens"] = result["prompt_tokens"]
         body = protocol.embedding_list(call.model, result["data"], call.encoding_format, result["prompt_tokens"])
         return json_response(body, job)
 
@@ -103,14 +121,23 @@ class TokenizeView(APIView):
         return json_response(body, job)
 
 
+def model_owner(name: str) -> str | None:
+    """Who serves a model name: us (a local deployment), a provider, or nobody."""
+    config = settings.LLM_CONFIG
+    if config.deployment(name):
+        return OWNER
+    found = config.upstream_for(name)
+    return found[0].name if found else None
+
+
 class ModelsView(APIView):
-    """`GET /v1/models`: the deployments this key may use."""
+    """`GET /v1/models`: local deployments and upstream models this key may use."""
 
     def get(self, request) -> JsonResponse:
         cards = [
-            protocol.model_card(d.name, STARTED_AT, OWNER)
-            for d in settings.LLM_CONFIG.deployments
-            if request.auth.may_use(d.name)
+            protocol.model_card(name, STARTED_AT, model_owner(name))
+            for name in settings.LLM_CONFIG.model_names
+            if request.auth.may_use(name)
         ]
         return JsonResponse({"object": "list", "data": cards})
 
@@ -119,7 +146,7 @@ class ModelDetailView(APIView):
     """`GET /v1/models/{id}`; a model the key may not use reads as unknown."""
 
     def get(self, request, model_id: str) -> JsonResponse:
-        deployment = settings.LLM_CONFIG.deployment(model_id)
-        if deployment is None or not request.auth.may_use(model_id):
+        owner = model_owner(model_id)
+        if owner is None or not request.auth.may_use(model_id):
             raise ApiError(404, "model_not_found", f"The model {model_id!r} does not exist.", param="model")
-        return JsonResponse(protocol.model_card(deployment.name, STARTED_AT, OWNER))
+        return JsonResponse(protocol.model_card(model_id, STARTED_AT, owner))

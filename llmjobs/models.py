@@ -41,6 +41,8 @@ class Job(models.Model):
     # Token budget: reserved from the key at dispatch, corrected once to what was used.
     tokens_reserved = models.PositiveIntegerField(default=0)
     tokens_settled = models.BooleanField(default=False)
+    # Upstream calls with a configured price: what the provider will bill, in USD.
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

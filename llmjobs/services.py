@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -45,22 +46,51 @@ def submit_job(
     The call and the usage row commit together; a failed enqueue fails and refunds."""
     with transaction.atomic():
         call = consume_call_for_model(presented, deployment.name, reserve_tokens)
-        job = create_job(call.key_id, deployment, input_text, kind, reserve_tokens)
+        job = create_job(
+            call.key_id, deployment.name, input_text, kind, reserve_tokens, queue=device_queue_name(deployment.device)
+        )
     enqueue_job(job, payload)
     return job
 
 
-def create_job(key_id: int, deployment: Deployment, text: str, kind: str = "run", tokens_reserved: int = 0) -> Job:
-    """Record the call before it is queued, so even a lost job leaves a usage row."""
+def start_upstream_job(
+    presented: PresentedKey, model: str, backend: str, kind: str, *, input_text: str, reserve_tokens: int
+) -> Job:
+    """Take the call and reserve tokens exactly as for a local model, and record a job
+    that is running at once: the web process itself forwards it to the provider."""
+    with transaction.atomic():
+        call = consume_call_for_model(presented, model, reserve_tokens)
+        return create_job(
+            call.key_id, model, input_text, kind, reserve_tokens, backend=backend, status=Job.Status.RUNNING
+        )
+
+
+def create_job(
+    key_id: int,
+    model: str,
+    text: str,
+    kind: str = "run",
+    tokens_reserved: int = 0,
+    *,
+    queue: str = "",
+    backend: str = "local",
+    status: str = Job.Status.QUEUED,
+) -> Job:
+    """Record the call before it is queued or sent, so even a lost job leaves a usage row."""
     store = settings.LLM_CONFIG.server.store_payloads
+    now = timezone.now()
     return Job.objects.create(
         api_key_id=key_id,
-        model=deployment.name,
-        queue=device_queue_name(deployment.device),
+        model=model,
+        backend=backend,
+        queue=queue,
         kind=kind,
+        status=status,
         input_text=text if store else "",
         input_chars=len(text),
         tokens_reserved=tokens_reserved,
+        created_at=now,
+        started_at=now if status == Job.Status.RUNNING else None,
     )
 
 
@@ -132,6 +162,7 @@ def finish_job(
     completion_tokens: int | None = None,
     *,
     store_output: bool = True,
+    cost_usd: float | None = None,
 ) -> bool:
     """Record success and settle the key's tokens in one transaction. `store_output`
     False keeps bulky outputs (embedding vectors) out of the table."""
@@ -144,6 +175,7 @@ def finish_job(
             output_chars=len(output) if isinstance(output, str) else len(str(output)),
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            cost_usd=None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
         )
         if updated:
             settle_job_tokens(job_id, (prompt_tokens or 0) + (completion_tokens or 0))

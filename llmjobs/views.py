@@ -9,6 +9,7 @@ from django.urls import reverse
 from rest_framework.views import APIView
 
 from apikeys.authentication import parse_with_key_errors_first, presented_key
+from djangollmapi.middleware import log_fields
 from llmjobs import selectors, services
 from llmjobs.models import Job
 from llmjobs.validation import RunRequest, parse_run_request
@@ -20,6 +21,7 @@ def submit_run(request) -> tuple[Job, RunRequest]:
     presented = presented_key(request)
     run = parse_with_key_errors_first(presented, parse_run_request, request.data)
     job = services.submit_job(presented, run.deployment, "run", run.text, input_text=run.text)
+    log_fields(request).update(model=job.model, backend="local", request_id=str(job.id))
     return job, run
 
 

@@ -191,3 +191,82 @@ def sdk(live, make_key):
         return openai.OpenAI(base_url=f"{live.url}/v1", api_key=api_key or make_key(), max_retries=0, timeout=60)
 
     return make
+
+
+PROVIDER_SECRET = "dla_provider0key_" + "p" * 43  # the gateway's secret for the "provider"
+PROVIDER_SECRET_ENV = "DLA_TEST_PROVIDER_KEY"
+
+
+@dataclass
+class Gateway(Live):
+    """A second server of ours whose config adds [[upstreams]] pointing at `live`
+    (the provider) and at addresses that fail on purpose."""
+
+    log: Path = Path()
+    mortal_port: int = 0
+
+
+def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
+    """The test config plus the upstreams; relative paths made absolute, as the file
+    lives in the data dir."""
+    tests_dir = Path(__file__).resolve().parent
+    base = (tests_dir / "djangollmapi.test.toml").read_text().replace('jwks_file = "', f'jwks_file = "{tests_dir}/')
+    provider = f'base_url = "{provider_url}/v1"\napi_key_env = "{PROVIDER_SECRET_ENV}"\n'
+    return base + (
+        '\n[[upstreams]]\nname = "provider"\n' + provider + "timeout_s = 10\nconnect_timeout_s = 2\n"
+        'models = { "up-words" = "words", "up-tiny" = "tiny-gpt2", "up-slow" = "slow-stream", '
+        '"up-minilm" = "minilm", "up-boom" = "boom", "up-echo" = "echo" }\n'
+        'prices = { "up-words" = { input = 1.0, output = 2.0 } }\n'
+        '\n[[upstreams]]\nname = "provider-slow"\n' + provider + "timeout_s = 1\n"
+        'models = { "up-sleepy" = "slow-stream" }\n'
+        '\n[[upstreams]]\nname = "provider-badkey"\n'
+        f'base_url = "{provider_url}/v1"\napi_key_env = "DLA_TEST_WRONG_KEY"\n'
+        'models = { "up-badkey" = "words" }\n'
+        '\n[[upstreams]]\nname = "provider-down"\n'
+        f'base_url = "http://127.0.0.1:{down_port}/v1"\nconnect_timeout_s = 1\n'
+        'models = { "up-down" = "words" }\n'
+        '\n[[upstreams]]\nname = "provider-unset"\n'
+        f'base_url = "{provider_url}/v1"\napi_key_env = "DLA_TEST_UNSET_KEY"\n'
+        'models = { "up-unset" = "words" }\n'
+        '\n[[upstreams]]\nname = "provider-mortal"\n'
+        f'base_url = "http://127.0.0.1:{mortal_port}/v1"\napi_key_env = "{PROVIDER_SECRET_ENV}"\n'
+        'models = { "up-mortal" = "slow-stream" }\n'
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway(live, django_db_blocker) -> Iterator[Gateway]:
+    """Our server in front of `live` as its upstream provider, sharing its database,
+    Redis and workers (the local models stay reachable through it too)."""
+    config = data_dir() / "gateway.toml"
+    mortal_port = free_port()
+    config.write_text(gateway_config(live.url, down_port=free_port(), mortal_port=mortal_port))
+    port = free_port()
+    env = {
+        "DJANGO_LLM_API_CONFIG": str(config),
+        PROVIDER_SECRET_ENV: PROVIDER_SECRET,
+        "DLA_TEST_WRONG_KEY": "dla_nosuchkey000_" + "w" * 43,
+    }
+    with django_db_blocker.unblock():
+        web = start_web(port, **env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
+        url, log = f"http://127.0.0.1:{port}", logs_dir() / f"web-{port}.log"
+        yield Gateway(url, live.redis, live.workers, log=log, mortal_port=mortal_port)
+    finally:
+        processes.stop(web)
+
+
+@pytest.fixture
+def provider_key(transactional_db):
+    """The provider's key row for the gateway's secret, made per test (the database
+    is emptied between tests); `provider_key(max_calls=0)` to restrict it."""
+    from apikeys.keys import hash_secret
+
+    def make(**fields) -> ApiKey:
+        prefix, secret = PROVIDER_SECRET.split("_")[1], PROVIDER_SECRET.split("_", 2)[2]
+        ApiKey.objects.filter(prefix=prefix).delete()
+        return ApiKey.objects.create(name="provider", prefix=prefix, secret_hash=hash_secret(secret), **fields)
+
+    make()
+    return make

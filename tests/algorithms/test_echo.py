@@ -95,10 +95,15 @@ def test_a_stop_string_cuts_the_text_and_is_never_emitted():
 
 
 def test_a_stop_string_spanning_repeated_words_stops_a_repeating_echo():
-    completion, _ = generate(Echo(repeat=True), prompt="x y", stop=("yx",), max_tokens=100)
+    completion, _ = generate(Echo(repeat=True), prompt="x y", stop=("y x",), max_tokens=100)
     assert (completion.text, completion.finish_reason) == ("x ", "stop")
     completion, _ = generate(Echo(repeat=True), prompt="xy ", stop=("y x",), max_tokens=100)
     assert (completion.text, completion.completion_tokens, completion.finish_reason) == ("x", 2, "stop")
+
+
+def test_repeating_keeps_words_apart():
+    completion, _ = generate(Echo(repeat=True), prompt="a b", max_tokens=5)
+    assert (completion.text, completion.finish_reason) == ("a b a b a ", "length")
 
 
 def test_emit_returning_false_cancels_at_once():

@@ -86,6 +86,9 @@ device = "cuda:0"
     assert config.job_timeout_for(config.deployment("a")) == 30
 
 
+UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
+
+
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
@@ -120,6 +123,37 @@ device = "cuda:0"
             "deployments[0].timeout_s",
             "finite",
         ),
+        ("upstreams = 3\n", "upstreams", "array of tables"),
+        (UPSTREAM, "upstreams[0].models", "must be an array"),
+        (UPSTREAM + "models = []\n", "upstreams[0].models", "at least one"),
+        (UPSTREAM.replace("https://u.example/v1", "file:///x") + "models = ['m']\n", "upstreams[0].base_url", "http"),
+        (UPSTREAM + "models = ['m']\napi_key_env = 'NOT A VAR'\n", "upstreams[0].api_key_env", "environment"),
+        (UPSTREAM + "models = ['m']\ntimeout_s = 0\n", "upstreams[0].timeout_s", "must be positive"),
+        (UPSTREAM + "models = ['m']\nheaders = { Host = 'x' }\n", "upstreams[0].headers.Host", "may set"),
+        (UPSTREAM + "models = ['m']\nprices = { other = { input = 1 } }\n", "upstreams[0].prices.other", "not one of"),
+        (UPSTREAM + "models = ['m']\nprices = { m = { input = -1 } }\n", "upstreams[0].prices.m.input", "0 or more"),
+        (UPSTREAM + "models = ['smollm2']\n", "upstreams[0].models", "already a model name"),
+        (UPSTREAM + "models = ['m']\n" + UPSTREAM + "models = ['n']\n", "upstreams[1].name", "used twice"),
+        ("[cors]\nallowed_origins = ['*']\n", "cors.allowed_origins", "not an origin"),
+        ("[jwt]\nissuer = 'i'\naudience = 'a'\n", "jwt", "exactly one of jwks_file and jwks_url"),
+        ("[jwt]\nissuer = 'i'\naudience = 'a'\njwks_url = 'http://idp/jwks'\n", "jwt.jwks_url", "https"),
+        (
+            "[jwt]\nissuer = 'i'\naudience = 'a'\njwks_url = 'http://127.0.0.1.evil.example/jwks'\n",
+            "jwt.jwks_url",
+            "https",
+        ),
+        ("[jwt]\nissuer = 'i'\naudience = 'a'\njwks_file = 'missing.json'\n", "jwt.jwks_file", "no such file"),
+        (
+            "[jwt]\nissuer = 'i'\naudience = 'a'\njwks_url = 'https://idp/jwks'\nleeway_s = -1\n",
+            "jwt.leeway_s",
+            "0 or more",
+        ),
+        ("[jwt]\naudience = 'a'\njwks_url = 'https://idp/jwks'\n", "jwt.issuer", "is required"),
+        (
+            "[jwt]\nissuer = 'i'\naudience = 'a'\njwks_url = 'https://idp/jwks'\nalgorithms = ['HS256']\n",
+            "jwt.algorithms",
+            "asymmetric",
+        ),
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
@@ -151,6 +185,26 @@ def test_the_shipped_example_config_parses(clean_env):
     devices = config.devices
     assert sum(device.startswith("cuda:") for device in devices) == 2
     assert "cpu" in devices
+
+
+def test_upstreams_aliases_prices_and_model_names(clean_env, tmp_path, monkeypatch):
+    path = write(
+        tmp_path,
+        UPSTREAM + "api_key_env = 'G_KEY'\nmodels = { fast = 'llama-3.1-8b-instant' }\n"
+        "prices = { fast = { input = 0.5, output = 1.5 } }\n"
+        "[[upstreams]]\nname = 'ollama'\nbase_url = 'http://127.0.0.1:11434/v1/'\nmodels = ['llama3.2']\n",
+    )
+    config = load_config(path)
+    groq, ollama = config.upstreams
+    assert config.model_names == ["smollm2", "echo", "minilm", "fast", "llama3.2"]
+    upstream, model = config.upstream_for("fast")
+    assert (upstream.name, model.upstream_name) == ("g", "llama-3.1-8b-instant")
+    assert model.cost(1_000_000, 2_000_000) == pytest.approx(3.5)
+    assert ollama.base_url == "http://127.0.0.1:11434/v1"  # trailing slash dropped
+    assert ollama.model("llama3.2").cost(10, 10) is None
+    assert config.upstream_for("smollm2") is None
+    monkeypatch.setenv("G_KEY", "secret-from-env")
+    assert groq.secret() == "secret-from-env"
 
 
 def test_broken_config_stops_manage_py_with_the_reason(clean_env, tmp_path):

@@ -27,7 +27,8 @@ def test_budget_is_exact_under_30_concurrent_calls(live, make_key):
 
     ok = [r for r in replies if r.status_code == 200]
     refused = [r for r in replies if r.status_code != 200]
-    assert all(r.status_code == 429 and error_of(r)["code"] == "token_budget_exhausted" for r in refused)
+    codes = [(r.status_code, error_of(r)["code"]) for r in refused]
+    assert set(codes) <= {(429, "token_budget_exhausted")}, codes  # never a spurious 503 key_busy
     # Admitted only while a whole reservation fitted; settling freed room for more.
     assert budget // RESERVED_PER_CALL <= len(ok) <= budget // USED_PER_CALL
     row = key_row(key)
