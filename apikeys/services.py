@@ -92,7 +92,11 @@ def settle_tokens(key_id: int, delta: int) -> None:
     atomic increment, so concurrent settlements never lose each other's updates.
     Callers make it happen once per job (llmjobs.services)."""
     if delta:
-        ApiKey.objects.filter(id=key_id).update(tokens_used=F("tokens_used") + delta)
+        with connection.cursor() as cursor:
+            cursor.execute(SETTLE_SQL, [delta, key_id])
+
+
+SETTLE_SQL = f"UPDATE {ApiKey._meta.db_table} SET tokens_used = tokens_used + %s WHERE id = %s"
 
 
 def revoke_keys(queryset) -> int:

@@ -20,207 +20,61 @@ where the time goes. Every process it starts is stopped on exit, error or Ctrl-C
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import requests
+from common import (
+    RESULTS_DIR,
+    ROOT,
+    CpuMeter,
+    Stack,
+    Stop,
+    machine_info,
+    no_nan,
+    percentile,
+    raise_stop,
+    redact,
+    say,
+    wait_for_quiet,
+)
 
-import redis  # noqa: E402
-import requests  # noqa: E402
+# isort: split
+# After `common`, which puts the project root on sys.path.
+from algorithms.loader import build_algorithm
+from djangollmapi import processes
 
-from algorithms.loader import build_algorithm  # noqa: E402
-from djangollmapi import processes  # noqa: E402
-
-RESULTS_DIR = ROOT / "bench" / "results"
 ALGORITHM = "algorithms.echo:Echo"
 MODEL = "echo"
 DEVICE = "cpu"
-QUEUE = "dla.device.cpu"
-HEARTBEAT_KEY = f"dla:worker:{QUEUE}"
 WEB_WORKERS = 2
 WEB_THREADS = 32
-DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/dla_bench"
-READY_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 30
 AIM_P50_MS_1_CLIENT = 6.0
 AIM_RPS_16_CLIENTS = 300.0
 PROFILE_KEEP_MAX_BYTES = 1_000_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class Stop(Exception):
-    """SIGTERM unwinds like Ctrl-C, through the clean-up path."""
-
-
-def raise_stop(signum, frame) -> None:
-    raise Stop()
 
 
 # ---------------------------------------------------------------- stack
 
 
-class Stack:
-    """Redis (embedded unless REDIS_URL), migrate, a key, one cpu worker, gunicorn."""
+class RoundtripStack(Stack):
+    """The shared stack with one `cpu` worker, plus where this benchmark reads the
+    server-side stages from: the worker log and the job rows."""
 
     def __init__(self, database: str, tmp: Path) -> None:
-        self.database = database
-        self.tmp = tmp
-        self.logs = tmp / "logs"
-        self.children: list[tuple[str, subprocess.Popen]] = []
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.redis_url = os.environ.get("REDIS_URL", "")
-        self.embedded_redis = not self.redis_url
-        if self.embedded_redis:
-            self.redis_url = f"unix://{tmp / 'redis.sock'}"
-        self.database_url = ""
-        if database == "postgres":
-            self.database_url = os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_URL
-        self.config_path = tmp / "bench.toml"
-        self.config_text = bench_config_toml(tmp, self.port)
-        self.env = {
-            "DJANGO_LLM_API_CONFIG": str(self.config_path),
-            "DJANGO_LLM_API_DATA_DIR": str(tmp),
-            # An empty value means "not set" to the config loader: sqlite really is sqlite.
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": os.environ.get("REDIS_URL", ""),
-            "DJANGO_SETTINGS_MODULE": "djangollmapi.settings",
-        }
-        self.api_key = ""
-        self.redis_server_version = ""
-        self.postgres_server_version = ""
-
-    # -- start
-
-    def start(self) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text)
-        if self.embedded_redis:
-            say(f"starting embedded Redis on {self.redis_url}")
-            self.children.append(
-                ("redis", processes.start_embedded_redis(self.tmp / "redis.sock", self.logs / "redis.log"))
-            )
-        else:
-            say(f"using Redis at {redact(self.redis_url)} (REDIS_URL)")
-            processes.wait_for_redis(self.redis_url)
-        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=5)
-        self.redis_server_version = self.redis.info("server").get("redis_version", "")
-        if self.redis.exists(HEARTBEAT_KEY):
-            raise RuntimeError(
-                f"another worker already serves {QUEUE} on {redact(self.redis_url)}; "
-                "point REDIS_URL at a Redis (or db number) of its own, or unset it"
-            )
-        if self.database == "postgres":
-            self.postgres_server_version = ensure_postgres_database(self.database_url)
-        say(f"migrating ({self.database})")
-        self.manage("migrate", "--noinput", "-v", "0")
-        self.api_key = (
-            self.manage("createapikey", "--name", f"bench-{int(time.time())}", "--quiet").strip().splitlines()[-1]
-        )
-        say(f"starting worker for {DEVICE} and gunicorn on {self.base_url}")
-        self.children.append(
-            (
-                "worker",
-                processes.spawn(
-                    processes.manage_argv("runworker", DEVICE), env=self.env, log_path=self.logs / "worker-cpu.log"
-                ),
-            )
-        )
-        argv = processes.gunicorn_argv(f"127.0.0.1:{self.port}", WEB_WORKERS, WEB_THREADS)
-        self.children.append(("web", processes.spawn(argv, env=self.env, log_path=self.logs / "web.log")))
-        self.wait_until_ready()
-
-    def manage(self, *args: str) -> str:
-        result = subprocess.run(
-            processes.manage_argv(*args),
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"manage.py {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        return result.stdout
-
-    def wait_until_ready(self) -> None:
-        """Worker heartbeat (its models are loaded), then the web port answers."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.redis.exists(HEARTBEAT_KEY):
-            self.check_children()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after {READY_TIMEOUT_S} s; see {self.logs}")
-            time.sleep(0.1)
-        while True:
-            self.check_children()
-            try:
-                requests.get(f"{self.base_url}/api/usage/", timeout=2)
-                return
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"web server not ready after {READY_TIMEOUT_S} s; see {self.logs}") from None
-                time.sleep(0.1)
-
-    def check_children(self) -> None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {process.returncode}; see {self.logs}")
-
-    # -- processes, for CPU accounting and profiling
-
-    def pid(self, name: str) -> int | None:
-        return next((p.pid for n, p in self.children if n == name), None)
-
-    def web_worker_pids(self) -> list[int]:
-        master = self.pid("web")
-        return child_pids(master) if master else []
-
-    def celery_child_pids(self) -> list[int]:
-        parent = self.pid("worker")
-        return child_pids(parent) if parent else []
-
-    def postgres_backend_pids(self) -> list[int]:
-        if self.database != "postgres":
-            return []
-        import psycopg
-
-        dbname = urllib.parse.urlparse(self.database_url).path.lstrip("/")
-        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=3) as conn:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", [dbname]
-            ).fetchall()
-        return [row[0] for row in rows]
-
-    def cpu_groups(self) -> dict[str, list[int]]:
-        groups = {
-            "web (gunicorn workers)": self.web_worker_pids(),
-            "celery parent": [p for p in [self.pid("worker")] if p],
-            "celery child": self.celery_child_pids(),
-        }
-        if self.embedded_redis:
-            groups["redis"] = [p for p in [self.pid("redis")] if p]
-        if self.database == "postgres":
-            groups["postgres backends"] = self.postgres_backend_pids()
-        return groups
-
-    # -- server-side stage timings
+        super().__init__(database, tmp, bench_config_toml, [DEVICE], WEB_WORKERS, WEB_THREADS)
 
     def worker_log_size(self) -> int:
         path = self.logs / "worker-cpu.log"
@@ -237,31 +91,13 @@ class Stack:
         """(created_at, started_at, finished_at) of this run's jobs whose text carries `tag`."""
         prefix = self.api_key.split("_", 2)[1]
         like = f"roundtrip {tag} #%"
-        sql = (
+        rows = self.query(
             "SELECT j.created_at, j.started_at, j.finished_at FROM llmjobs_job j "
-            "JOIN apikeys_apikey k ON k.id = j.api_key_id WHERE k.prefix = {p} AND j.input_text LIKE {p}"
+            "JOIN apikeys_apikey k ON k.id = j.api_key_id WHERE k.prefix = {p} AND j.input_text LIKE {p}",
+            [prefix, like],
         )
-        if self.database == "postgres":
-            import psycopg
-
-            with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                return conn.execute(sql.format(p="%s"), [prefix, like]).fetchall()
-        import sqlite3
-
-        with sqlite3.connect(f"file:{self.tmp / 'db.sqlite3'}?mode=ro", uri=True, timeout=20) as conn:
-            rows = conn.execute(sql.format(p="?"), [prefix, like]).fetchall()
-        parse = lambda v: dt.datetime.fromisoformat(v) if v else None  # noqa: E731
+        parse = lambda v: dt.datetime.fromisoformat(v) if isinstance(v, str) else v  # noqa: E731
         return [tuple(parse(v) for v in row) for row in rows]
-
-    # -- stop
-
-    def stop(self) -> None:
-        for name, process in reversed(self.children):
-            try:
-                processes.stop(process)
-            except Exception as exc:  # keep stopping the others
-                say(f"stopping {name} failed: {exc}")
-        self.children.clear()
 
 
 def bench_config_toml(tmp: Path, port: int) -> str:
@@ -285,167 +121,7 @@ options = {{ delay_ms = 0 }}
 """
 
 
-def ensure_postgres_database(url: str) -> str:
-    """Create the bench database if it is missing; return the server version."""
-    import psycopg
-
-    parts = urllib.parse.urlparse(url)
-    dbname = parts.path.lstrip("/")
-    if not dbname:
-        raise RuntimeError(f"DATABASE_URL {redact(url)} names no database")
-    maintenance = parts._replace(path="/postgres").geturl()
-    with psycopg.connect(maintenance, autocommit=True, connect_timeout=3) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname]).fetchone()
-        version = conn.execute("SHOW server_version").fetchone()[0]
-    if not exists:
-        say(f"creating database {dbname}")
-        argv = ["createdb"]
-        if parts.hostname:
-            argv += ["-h", parts.hostname]
-        if parts.port:
-            argv += ["-p", str(parts.port)]
-        if parts.username:
-            argv += ["-U", urllib.parse.unquote(parts.username)]
-        env = {**os.environ}
-        if parts.password:
-            env["PGPASSWORD"] = urllib.parse.unquote(parts.password)
-        subprocess.run([*argv, dbname], check=True, env=env, timeout=60)
-    return version
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_pids(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-            found += [int(p) for p in text.split()]
-    except OSError:
-        pass
-    return sorted(set(found))
-
-
-def redact(url: str) -> str:
-    parts = urllib.parse.urlparse(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-
-def proc_cpu_s(pid: int) -> float:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def proc_sys_s(pid: int) -> float:
-    """Kernel time only (syscalls: fsync, socket I/O, futex)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    return int(text[text.rindex(")") + 2 :].split()[12]) / CLK_TCK
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies over all CPUs since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    total = sum(values[:8])
-    return total - idle, total
-
-
-class CpuMeter:
-    """CPU seconds per process group and the machine's busy share over one case."""
-
-    def __init__(self, stack: Stack | None) -> None:
-        self.stack = stack
-
-    def __enter__(self) -> CpuMeter:
-        self.groups = self.stack.cpu_groups() if self.stack else {}
-        self.before = {pid: proc_cpu_s(pid) for pids in self.groups.values() for pid in pids}
-        self.before_sys = {pid: proc_sys_s(pid) for pids in self.groups.values() for pid in pids}
-        self.client_before = time.process_time()
-        self.machine_before = machine_cpu()
-        self.load_before = os.getloadavg()[0]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.client_s = time.process_time() - self.client_before
-        busy1, total1 = machine_cpu()
-        busy0, total0 = self.machine_before
-        self.machine_busy = (busy1 - busy0) / max(1, total1 - total0)
-        self.load_after = os.getloadavg()[0]
-        if self.stack:
-            later = self.stack.cpu_groups()  # pool connections may have opened meanwhile
-            for name, pids in later.items():
-                self.groups[name] = sorted(set(self.groups.get(name, [])) | set(pids))
-        self.sys_seconds = {
-            name: sum(proc_sys_s(pid) - self.before_sys.get(pid, 0.0) for pid in pids)
-            for name, pids in self.groups.items()
-        }
-        self.seconds = {
-            name: sum(proc_cpu_s(pid) - self.before.get(pid, 0.0) for pid in pids) for name, pids in self.groups.items()
-        }
-        ours = sum(self.seconds.values()) + self.client_s
-        machine_busy_s = (busy1 - busy0) / CLK_TCK
-        machine_total_s = (total1 - total0) / CLK_TCK
-        # CPU burnt by processes that are not part of this benchmark (other jobs on a
-        # shared machine): when it is large, the timings are contaminated.
-        self.foreign_share = max(0.0, machine_busy_s - ours) / max(1e-9, machine_total_s)
-
-    def report(self, requests_done: int) -> dict:
-        per_request = {name: 1000 * s / max(1, requests_done) for name, s in self.seconds.items()}
-        per_request["bench client (this process)"] = 1000 * self.client_s / max(1, requests_done)
-        return {
-            "cpu_ms_per_request": {k: round(v, 4) for k, v in per_request.items()},
-            "cpu_sys_ms_per_request": {
-                name: round(1000 * s / max(1, requests_done), 4) for name, s in getattr(self, "sys_seconds", {}).items()
-            },
-            "machine_cpu_busy_share": round(self.machine_busy, 3),
-            "other_processes_cpu_share": round(self.foreign_share, 3),
-            "loadavg_1m_before_after": [round(self.load_before, 2), round(self.load_after, 2)],
-        }
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.25) -> float:
-    """On a shared machine, wait (at most max_wait_s) until the whole machine is under
-    `threshold` busy for a second while our stack idles; return the last busy share."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy0, total0 = machine_cpu()
-        time.sleep(1.0)
-        busy1, total1 = machine_cpu()
-        share = (busy1 - busy0) / max(1, total1 - total0)
-        if share < threshold or time.monotonic() >= deadline:
-            if share >= threshold:
-                say(f"machine still {100 * share:.0f}% busy with other work; measuring anyway")
-            return share
-        say(f"machine {100 * share:.0f}% busy with other work; waiting for it to calm down")
-        time.sleep(2.0)
-
-
 # ---------------------------------------------------------------- measurement
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest rank."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, -(-len(sorted_values) * p // 100))
-    return sorted_values[int(rank) - 1]
 
 
 def summarise(name: str, latencies_s: list[float], errors: int, wall_s: float, attempted: int) -> dict:
@@ -668,8 +344,9 @@ def profile_under_load(stack: Stack, clients: int, seconds: int, chars: int, dat
     if not py_spy or not py_spy.exists():
         return {"error": "py-spy not found"}
     targets = [(f"web{i + 1}", pid) for i, pid in enumerate(stack.web_worker_pids())]
-    targets.append(("celery-parent", stack.pid("worker")))
-    targets += [(f"celery-child{'' if i == 0 else i + 1}", pid) for i, pid in enumerate(stack.celery_child_pids())]
+    targets.append(("celery-parent", stack.worker_pid(DEVICE)))
+    children = stack.celery_child_pids(DEVICE)
+    targets += [(f"celery-child{'' if i == 0 else i + 1}", pid) for i, pid in enumerate(children)]
     out_dir = Path(tempfile.mkdtemp(prefix="dla-bench-profile-"))
     url = f"{stack.base_url}/api/"
     stop = threading.Event()
@@ -964,38 +641,6 @@ def print_profile(summary: dict) -> None:
                     print(f"      {s:5.1f}%  {name}")
 
 
-def machine_info() -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("Django", "djangorestframework", "gunicorn", "celery", "kombu", "redis", "psycopg", "requests"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    commit = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "versions": versions,
-        "git_commit": commit or None,
-    }
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -1025,7 +670,7 @@ def main() -> int:
     # Ctrl-C stops everything even when started from a shell that ignores SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix="dla-bench-"))
-    stack = Stack(args.database, tmp)
+    stack = RoundtripStack(args.database, tmp)
     failed = True
     try:
         stack.start()
@@ -1124,21 +769,6 @@ def main() -> int:
         print("!" * 72)
         return 1
     return 0
-
-
-def no_nan(value):
-    """NaN (a case with no successful request) as null, so the file is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: no_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [no_nan(v) for v in value]
-    return value
-
-
-def say(message: str) -> None:
-    print(f"[roundtrip] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

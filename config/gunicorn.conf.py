@@ -36,6 +36,9 @@ bind = [f"[{_server.host}]:{_server.port}" if ":" in _server.host else f"{_serve
 worker_class = "gthread"
 workers = _server.web_workers
 threads = _server.web_threads
+# Open connections per worker (gthread's default is 1000): above the threads, so each
+# thread can hold a waiting stream and keep-alive stays on.
+worker_connections = max(1000, threads * 2)
 
 # With gthread the worker's main loop reports to the arbiter while request threads
 # wait, so `timeout` only catches a wedged worker process; it does not cut off a

@@ -104,6 +104,12 @@ def manage_argv(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "manage.py"), *args]
 
 
+def worker_connections(threads: int) -> int:
+    """gthread caps a worker's open connections at this (default 1000): keep it above
+    the threads, so every thread can hold a waiting stream and keep-alive stays on."""
+    return max(1000, threads * 2)
+
+
 def gunicorn_argv(bind: str, workers: int, threads: int) -> list[str]:
     """gthread workers: sync Django views, a thread per waiting request (DESIGN.md)."""
     return [
@@ -117,6 +123,8 @@ def gunicorn_argv(bind: str, workers: int, threads: int) -> list[str]:
         str(workers),
         "--threads",
         str(threads),
+        "--worker-connections",
+        str(worker_connections(threads)),
         "--bind",
         bind,
         "--timeout",

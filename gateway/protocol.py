@@ -398,39 +398,26 @@ def finish_reason(value: str) -> str:
 
 
 def chat_completion(response_id: str, created: int, model: str, result: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result["text"], "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason(result["finish_reason"]),
-            }
-        ],
-        "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
-    }
+    message = {"role": "assistant", "content": result["text"], "refusal": None}
+    return completion_body("chat.completion", response_id, created, model, result, {"message": message})
 
 
 def text_completion(response_id: str, created: int, model: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    return completion_body("text_completion", response_id, created, model, result, {"text": result["text"]})
+
+
+def completion_body(
+    kind: str, response_id: str, created: int, model: str, result: Mapping[str, Any], answer: dict[str, Any]
+) -> dict[str, Any]:
+    """The non-streamed body both endpoints share; only the answer's field differs."""
+    choice = {"index": 0, **answer, "logprobs": None, "finish_reason": finish_reason(result["finish_reason"])}
     return {
         "id": response_id,
-        "object": "text_completion",
+        "object": kind,
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "text": result["text"],
-                "logprobs": None,
-                "finish_reason": finish_reason(result["finish_reason"]),
-            }
-        ],
+        "choices": [choice],
         "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
     }
 

@@ -81,22 +81,22 @@ def answer_plain(job: Job, route: Route, response: httpx.Response, note: dict) -
 
 def answer_text(data: dict[str, Any]) -> str:
     """What the Job row keeps: the answer's text (embeddings keep nothing)."""
+    return choice_text(data, "message")
+
+
+def delta_text(event: dict[str, Any]) -> str:
+    return choice_text(event, "delta")
+
+
+def choice_text(data: dict[str, Any], part: str) -> str:
+    """The first choice's text: `choices[0][part].content` for chat (`message` in an
+    answer, `delta` in a chunk), `choices[0].text` for completions; "" for anything else."""
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return ""
     choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    text = message.get("content", choice.get("text"))
-    return text if isinstance(text, str) else ""
-
-
-def delta_text(event: dict[str, Any]) -> str:
-    choices = event.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return ""
-    choice = choices[0]
-    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-    text = delta.get("content", choice.get("text"))
+    holder = choice.get(part) if isinstance(choice.get(part), dict) else {}
+    text = holder.get("content", choice.get("text"))
     return text if isinstance(text, str) else ""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -45,17 +44,21 @@ def client_gone_probe(request: HttpRequest) -> Callable[[], bool]:
     sock = request.META.get("gunicorn.socket")
     if sock is None:
         return lambda: False
+    return lambda: peer_closed(sock)
 
-    def gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except ValueError:  # a TLS socket cannot peek: rely on failed writes
-            return False
-        except OSError:
-            return True
 
-    return gone
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the peer has closed: a non-blocking peek reads end-of-file. Nothing
+    to read yet (or a pipelined request waiting) means it is still there. No select():
+    it fails on descriptors above 1024, which a busy worker holding many streams has."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except ValueError:  # a TLS socket cannot peek: rely on failed writes
+        return False
+    except OSError:
+        return True
 
 
 def sse_response(stream: Iterator[bytes], job: Job) -> StreamingHttpResponse:

@@ -155,6 +155,15 @@ def mark_running(job_id: str, worker: str) -> bool:
     )
 
 
+FINISH_SQL = f"""
+UPDATE {Job._meta.db_table}
+   SET status = %s, finished_at = %s, output = %s, output_chars = %s,
+       prompt_tokens = %s, completion_tokens = %s, cost_usd = %s, tokens_settled = %s
+ WHERE id = %s AND status IN (%s, %s)
+RETURNING api_key_id, tokens_reserved
+"""
+
+
 def finish_job(
     job_id: str,
     output: Any,
@@ -164,22 +173,44 @@ def finish_job(
     store_output: bool = True,
     cost_usd: float | None = None,
 ) -> bool:
-    """Record success and settle the key's tokens in one transaction. `store_output`
-    False keeps bulky outputs (embedding vectors) out of the table."""
+    """Record success and settle the key's tokens, in one transaction of two
+    statements (every call pays this, so it is raw SQL like the consume): the job's
+    conditional UPDATE ... RETURNING, then the key's increment. An active job has
+    never been settled (every settling path also ends the job), so marking it settled
+    here is the once-only claim. `store_output` False keeps bulky outputs (embedding
+    vectors) out of the table."""
     store = settings.LLM_CONFIG.server.store_payloads and store_output
-    with transaction.atomic():
-        updated = Job.objects.filter(id=job_id, status__in=Job.ACTIVE).update(
-            status=Job.Status.SUCCEEDED,
-            finished_at=timezone.now(),
-            output=output if store else None,
-            output_chars=len(output) if isinstance(output, str) else len(str(output)),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
-        )
-        if updated:
-            settle_job_tokens(job_id, (prompt_tokens or 0) + (completion_tokens or 0))
-    return bool(updated)
+    values = {
+        "status": Job.Status.SUCCEEDED,
+        "finished_at": timezone.now(),
+        "output": output if store else None,
+        "output_chars": len(output) if isinstance(output, str) else len(str(output)),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
+        "tokens_settled": True,
+    }
+    params = [db_value(name, value) for name, value in values.items()]
+    params += [db_value("id", job_id), Job.Status.QUEUED, Job.Status.RUNNING]
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(FINISH_SQL, params)
+        row = cursor.fetchone()
+        if row is None:
+            return False
+        key_id, reserved = row
+        if key_id is not None:
+            settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
+    return True
+
+
+def db_value(field_name: str, value: Any) -> Any:
+    """A Python value as the Job column stores it (UUID, JSON, datetime, decimal)."""
+    if value is None:
+        return None
+    field = Job._meta.get_field(field_name)
+    if isinstance(value, str) and field_name == "id":
+        value = field.to_python(value)
+    return field.get_db_prep_save(value, connection)
 
 
 def fail_job(job_id: str, code: str, message: str, refund: bool = True, only_running: bool = False) -> bool:
