@@ -8,7 +8,7 @@ PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install run test test-fast lint format bench bench-streaming bench-gateway clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ format: install
 
 bench: install
 	$(PY) bench/roundtrip.py
+
+bench-streaming: install
+	$(PY) bench/streaming.py
+
+# Installs LiteLLM into bench/.venv-litellm on first use (git ignores it).
+bench-gateway: install
+	$(PY) bench/gateway_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest-data

@@ -13,15 +13,18 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
+import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -39,6 +42,8 @@ READY_TIMEOUT_S = 120
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_VERSIONED = ("Django", "djangorestframework", "gunicorn", "celery", "kombu", "redis", "psycopg", "requests")
 
+T = TypeVar("T")
+
 
 class Stop(Exception):
     """SIGTERM unwinds like Ctrl-C, through the clean-up path."""
@@ -46,6 +51,13 @@ class Stop(Exception):
 
 def raise_stop(signum, frame) -> None:
     raise Stop()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises `Stop`; Ctrl-C raises KeyboardInterrupt even when started from a
+    shell that ignores SIGINT. Either way `run_on_stack` stops everything it started."""
+    signal.signal(signal.SIGTERM, raise_stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def say(message: str) -> None:
@@ -265,6 +277,31 @@ class Stack:
         self.children.clear()
 
 
+def run_on_stack(stack: Stack, tmp: Path, keep_tmp: bool, work: Callable[[], T]) -> tuple[T | None, int | None]:
+    """Start `stack`, run `work`, check that no child died meanwhile, and stop the stack
+    whatever happens. Return (work's result, None), or (None, the exit code) after an
+    interrupt (130) or a failure (2), said on stderr. `tmp` (the stack's data dir) is
+    removed only on success, and not with `keep_tmp`: after a failure its logs stay."""
+    failed = True
+    try:
+        stack.start()
+        result = work()
+        stack.check_children()
+        failed = False
+        return result, None
+    except (KeyboardInterrupt, Stop):
+        say(f"interrupted; stopping everything (logs kept in {stack.logs})")
+        return None, 130
+    except Exception as exc:
+        say(f"FAILED: {type(exc).__name__}: {exc}")
+        say(f"logs kept in {stack.logs}")
+        return None, 2
+    finally:
+        stack.stop()
+        if not failed and not keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def as_epoch(value: Any) -> float | None:
     """A job-row timestamp as Unix seconds: SQLite gives naive UTC text, PostgreSQL aware datetimes."""
     if value is None:
@@ -326,6 +363,34 @@ def redact(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
     return url
+
+
+def server_toml(written_by: str, tmp: Path, port: int, **settings: str | int) -> str:
+    """The head of every benchmark's config: who wrote it and its [server] table, with
+    `settings` (strings quoted) after data_dir, host and port."""
+    lines = [f"# written by bench/{written_by}", "[server]", f'data_dir = "{tmp}"', 'host = "127.0.0.1"']
+    lines.append(f"port = {port}")
+    lines += [f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def deployment_toml(name: str, algorithm: str, device: str, options: str = "") -> str:
+    """One [[deployments]] table, after a blank line; `options` is the inline table's inside."""
+    text = f'\n[[deployments]]\nname = "{name}"\nalgorithm = "{algorithm}"\ndevice = "{device}"\n'
+    return text + (f"options = {{ {options} }}\n" if options else "")
+
+
+def run_in_threads(target: Callable[[Any], None], args: Iterable[Any]) -> float:
+    """`target(arg)` in a daemon thread per arg, all started together; the wall seconds
+    until the last one ends (joined with a timeout, so Ctrl-C gets through)."""
+    threads = [threading.Thread(target=target, args=(arg,), daemon=True) for arg in args]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)
+    return time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -436,6 +501,16 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return float("nan")
     rank = max(1, -(-len(sorted_values) * p // 100))
     return sorted_values[int(rank) - 1]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell; the first left-aligned, the others right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def machine_info(dists: Iterable[str] = DEFAULT_VERSIONED) -> dict:

@@ -62,15 +62,19 @@ from common import (
     ROOT,
     CpuMeter,
     Stack,
-    Stop,
     child_pids,
+    deployment_toml,
     free_port,
+    install_signal_handlers,
     machine_info,
     no_nan,
     percentile,
-    raise_stop,
+    print_table,
     redact,
+    run_in_threads,
+    run_on_stack,
     say,
+    server_toml,
     wait_for_quiet,
 )
 from fake_upstream import ANSWER_TEXT
@@ -141,28 +145,28 @@ class GatewayStack(Stack):
     further children, so that one `stop` ends them all and the CPU accounting (and the
     share of the machine taken by *other* processes) covers every process we started."""
 
-    def __init__(self, database: str, tmp: Path) -> None:
+    def __init__(self, database: str, tmp: Path, skip_litellm: bool = False) -> None:
         self.upstream_port = free_port()
         self.litellm_port = free_port()
         super().__init__(database, tmp, self.write_config, [], WEB_WORKERS, WEB_THREADS)
         self.env[UPSTREAM_SECRET_ENV] = UPSTREAM_SECRET
+        self.skip_litellm = skip_litellm
         self.litellm_version = ""
         self.litellm_error = ""
 
+    def start(self) -> None:
+        """The fake provider first (our config points at it), our stack, then LiteLLM."""
+        self.start_upstream()
+        super().start()
+        if self.skip_litellm:
+            self.litellm_error = "skipped (--skip-litellm)"
+        else:
+            self.start_litellm()
+
     def write_config(self, tmp: Path, port: int) -> str:
         """One cheap local deployment (the config needs one; no worker serves it) and the upstream."""
-        return f"""# written by bench/gateway_overhead.py
-[server]
-data_dir = "{tmp}"
-host = "127.0.0.1"
-port = {port}
-default_model = "echo"
-
-[[deployments]]
-name = "echo"
-algorithm = "algorithms.echo:Echo"
-device = "cpu"
-
+        head = server_toml("gateway_overhead.py", tmp, port, default_model="echo")
+        return f"""{head}{deployment_toml("echo", "algorithms.echo:Echo", "cpu")}
 [[upstreams]]
 name = "fake"
 base_url = "http://127.0.0.1:{self.upstream_port}/v1"
@@ -449,14 +453,7 @@ def run_clients(clients: list[Client], n: int, stop: threading.Event | None = No
         with lock:
             outcome.timings.extend(mine)
 
-    threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in clients]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():  # join with a timeout so Ctrl-C gets through
-            thread.join(0.2)
-    outcome.wall_s = time.perf_counter() - started
+    outcome.wall_s = run_in_threads(work, clients)
     return outcome
 
 
@@ -689,15 +686,6 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-
-
 def print_cases(cases: list[dict]) -> None:
     header = ["case", "ok", "err", "p50 ms", "p90 ms", "p99 ms", "req/s", "+p50 ms", "+p99 ms", "hop CPU ms/req"]
     header.append("others")
@@ -827,13 +815,21 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start(stack: GatewayStack, skip_litellm: bool) -> None:
-    stack.start_upstream()
-    stack.start()
-    if skip_litellm:
-        stack.litellm_error = "skipped (--skip-litellm)"
-    else:
-        stack.start_litellm()
+def measure_all(stack: GatewayStack, args: argparse.Namespace) -> tuple[list[dict], dict | None, list[dict] | None]:
+    """Against a started stack: the cases, our stages in-process, and the profiles."""
+    say(f"ready; {args.requests} requests per case")
+    cases = run_cases(stack, args)
+    stages = None
+    if args.stage_requests:
+        say(f"timing our gateway's stages in-process ({args.stage_requests} requests)")
+        stages = measure_stages(stack, args.stage_requests, args.warmup)
+    profile = None
+    if args.profile:
+        profile = []
+        for clients in CONCURRENCIES:
+            say(f"profiling our gunicorn workers for {args.profile_seconds} s under {clients} client(s)")
+            profile.append(profile_ours(stack, clients, args.profile_seconds, args.database))
+    return cases, stages, profile
 
 
 def result_json(stack: GatewayStack, args: argparse.Namespace, cases: list[dict], aim_lines: list[str]) -> dict:
@@ -885,38 +881,13 @@ def result_json(stack: GatewayStack, args: argparse.Namespace, cases: list[dict]
 
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, raise_stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     tmp = Path(tempfile.mkdtemp(prefix="dla-bench-gw-"))
-    stack = GatewayStack(args.database, tmp)
-    failed = True
-    profile = None
-    try:
-        start(stack, args.skip_litellm)
-        say(f"ready; {args.requests} requests per case")
-        cases = run_cases(stack, args)
-        stages = None
-        if args.stage_requests:
-            say(f"timing our gateway's stages in-process ({args.stage_requests} requests)")
-            stages = measure_stages(stack, args.stage_requests, args.warmup)
-        if args.profile:
-            profile = []
-            for clients in CONCURRENCIES:
-                say(f"profiling our gunicorn workers for {args.profile_seconds} s under {clients} client(s)")
-                profile.append(profile_ours(stack, clients, args.profile_seconds, args.database))
-        stack.check_children()
-        failed = False
-    except (KeyboardInterrupt, Stop):
-        say(f"interrupted; stopping everything (logs kept in {stack.logs})")
-        return 130
-    except Exception as exc:
-        say(f"FAILED: {type(exc).__name__}: {exc}")
-        say(f"logs kept in {stack.logs}")
-        return 2
-    finally:
-        stack.stop()
-        if not failed and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    stack = GatewayStack(args.database, tmp, args.skip_litellm)
+    measured, exit_code = run_on_stack(stack, tmp, args.keep_tmp, lambda: measure_all(stack, args))
+    if measured is None:
+        return exit_code
+    cases, stages, profile = measured
 
     print(
         f"\ngateway overhead: POST /v1/chat/completions ({len(PROMPT)}-char prompt, max_tokens {MAX_TOKENS}); "

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,13 +39,17 @@ from common import (
     ROOT,
     CpuMeter,
     Stack,
-    Stop,
+    deployment_toml,
+    install_signal_handlers,
     machine_info,
     no_nan,
     percentile,
-    raise_stop,
+    print_table,
     redact,
+    run_in_threads,
+    run_on_stack,
     say,
+    server_toml,
     wait_for_quiet,
 )
 
@@ -101,24 +104,8 @@ class RoundtripStack(Stack):
 
 
 def bench_config_toml(tmp: Path, port: int) -> str:
-    return f"""# written by bench/roundtrip.py
-[server]
-data_dir = "{tmp}"
-host = "127.0.0.1"
-port = {port}
-web_workers = {WEB_WORKERS}
-web_threads = {WEB_THREADS}
-default_model = "{MODEL}"
-
-[worker]
-preload = true
-
-[[deployments]]
-name = "{MODEL}"
-algorithm = "{ALGORITHM}"
-device = "{DEVICE}"
-options = {{ delay_ms = 0 }}
-"""
+    head = server_toml("roundtrip.py", tmp, port, web_workers=WEB_WORKERS, web_threads=WEB_THREADS, default_model=MODEL)
+    return head + "\n[worker]\npreload = true\n" + deployment_toml(MODEL, ALGORITHM, DEVICE, "delay_ms = 0")
 
 
 # ---------------------------------------------------------------- measurement
@@ -242,15 +229,9 @@ def run_clients(
     if len(sessions) == 1:
         started = time.perf_counter()
         client(0)
+        wall = time.perf_counter() - started
     else:
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(sessions))]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():  # join with a timeout so Ctrl-C gets through
-                thread.join(0.2)
-    wall = time.perf_counter() - started
+        wall = run_in_threads(client, range(len(sessions)))
     latencies = [x for chunk in per_thread for x in chunk]
     return latencies, errors, wall, sum(attempted)
 
@@ -530,7 +511,7 @@ def ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:,.0f}x"
 
 
-def print_table(cases: list[dict], baseline: dict) -> None:
+def print_cases(cases: list[dict], baseline: dict) -> None:
     header = [
         "case",
         "requests",
@@ -557,12 +538,7 @@ def print_table(cases: list[dict], baseline: dict) -> None:
                 ratio(baseline["requests_per_s"], case["requests_per_s"]) if case is not baseline else "1x",
             ]
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    print_table(header, rows)
 
 
 def print_cpu(cases: list[dict]) -> None:
@@ -644,6 +620,29 @@ def print_profile(summary: dict) -> None:
 # ---------------------------------------------------------------- main
 
 
+def measure_all(
+    stack: RoundtripStack, args: argparse.Namespace
+) -> tuple[dict, tuple[dict, Errors], tuple[dict, Errors], dict | None]:
+    """All cases against a started stack: in-process, 1 client, N clients, and the profile."""
+    say(f"ready; measuring {args.requests} requests per case")
+    with CpuMeter(None) as meter:
+        inproc = measure_in_process(args.requests, args.text_chars)
+    inproc.update(meter.report(args.requests))
+    say(f"in-process done: p50 {fmt_ms(inproc['p50_ms'])} ms")
+    one, errors_one = measure_http(stack, 1, args.requests, args.warmup, args.text_chars, args.quiet_wait)
+    say(f"1 client done: p50 {one['p50_ms']:.2f} ms, {one['requests_per_s']:.0f} req/s, {one['errors']} errors")
+    many, errors_many = measure_http(stack, args.clients, args.requests, args.warmup, args.text_chars, args.quiet_wait)
+    say(
+        f"{args.clients} clients done: p50 {many['p50_ms']:.2f} ms, "
+        f"{many['requests_per_s']:.0f} req/s, {many['errors']} errors"
+    )
+    profile = None
+    if args.profile:
+        say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
+        profile = profile_under_load(stack, args.clients, args.profile_seconds, args.text_chars, args.database)
+    return inproc, (one, errors_one), (many, errors_many), profile
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per case (default 2000)")
@@ -666,45 +665,13 @@ def main() -> int:
     if args.requests < 1 or args.clients < 1:
         parser.error("--requests and --clients must be positive")
 
-    signal.signal(signal.SIGTERM, raise_stop)
-    # Ctrl-C stops everything even when started from a shell that ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     tmp = Path(tempfile.mkdtemp(prefix="dla-bench-"))
     stack = RoundtripStack(args.database, tmp)
-    failed = True
-    try:
-        stack.start()
-        say(f"ready; measuring {args.requests} requests per case")
-        with CpuMeter(None) as meter:
-            inproc = measure_in_process(args.requests, args.text_chars)
-        inproc.update(meter.report(args.requests))
-        say(f"in-process done: p50 {fmt_ms(inproc['p50_ms'])} ms")
-        one, errors_one = measure_http(stack, 1, args.requests, args.warmup, args.text_chars, args.quiet_wait)
-        say(f"1 client done: p50 {one['p50_ms']:.2f} ms, {one['requests_per_s']:.0f} req/s, {one['errors']} errors")
-        many, errors_many = measure_http(
-            stack, args.clients, args.requests, args.warmup, args.text_chars, args.quiet_wait
-        )
-        say(
-            f"{args.clients} clients done: p50 {many['p50_ms']:.2f} ms, "
-            f"{many['requests_per_s']:.0f} req/s, {many['errors']} errors"
-        )
-        profile = None
-        if args.profile:
-            say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
-            profile = profile_under_load(stack, args.clients, args.profile_seconds, args.text_chars, args.database)
-        stack.check_children()
-        failed = False
-    except (KeyboardInterrupt, Stop):
-        say(f"interrupted; stopping everything (logs kept in {stack.logs})")
-        return 130
-    except Exception as exc:
-        say(f"FAILED: {type(exc).__name__}: {exc}")
-        say(f"logs kept in {stack.logs}")
-        return 2
-    finally:
-        stack.stop()
-        if not failed and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    measured, exit_code = run_on_stack(stack, tmp, args.keep_tmp, lambda: measure_all(stack, args))
+    if measured is None:
+        return exit_code
+    inproc, (one, errors_one), (many, errors_many), profile = measured
 
     cases = [inproc, one, many]
     total_errors = inproc["errors"] + errors_one.count + errors_many.count
@@ -716,7 +683,7 @@ def main() -> int:
         f"{os.cpu_count()} CPUs"
     )
     print()
-    print_table(cases, inproc)
+    print_cases(cases, inproc)
     print_cpu(cases)
     print_stages(cases)
     print()

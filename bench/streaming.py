@@ -37,8 +37,6 @@ import http.client
 import json
 import os
 import resource
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,17 +54,20 @@ from common import (
     ROOT,
     CpuMeter,
     Stack,
-    Stop,
     as_epoch,
     child_pids,
+    deployment_toml,
     device_queue,
+    install_signal_handlers,
     machine_info,
     no_nan,
     percentile,
+    print_table,
     proc_cpu_s,
-    raise_stop,
     redact,
+    run_on_stack,
     say,
+    server_toml,
     wait_for_quiet,
 )
 
@@ -100,32 +101,24 @@ def bench_config_toml(models_dir: Path, max_tokens: int, dtype: str) -> Callable
     raised so that a thousand queued idle jobs are not refused with 503 queue_full."""
 
     def write(tmp: Path, port: int) -> str:
-        return f"""# written by bench/streaming.py
-[server]
-data_dir = "{tmp}"
-host = "127.0.0.1"
-port = {port}
-web_workers = {PART1_WEB[0]}
-web_threads = {PART1_WEB[1]}
-default_model = "{GEN_MODEL}"
-max_queue_depth = 100000
-job_timeout_s = 300
-
-[worker]
-preload = true
-
-[[deployments]]
-name = "{GEN_MODEL}"
-algorithm = "{GEN_ALGORITHM}"
-device = "{GEN_DEVICE}"
-options = {{ model_path = "{models_dir / GEN_MODEL_DIR}", max_new_tokens = {max_tokens}, dtype = "{dtype}" }}
-
-[[deployments]]
-name = "{IDLE_MODEL}"
-algorithm = "algorithms.echo:Echo"
-device = "{IDLE_DEVICE}"
-options = {{ token_delay_ms = 1000, repeat = true, max_new_tokens = 100000 }}
-"""
+        head = server_toml(
+            "streaming.py",
+            tmp,
+            port,
+            web_workers=PART1_WEB[0],
+            web_threads=PART1_WEB[1],
+            default_model=GEN_MODEL,
+            max_queue_depth=100000,
+            job_timeout_s=300,
+        )
+        gen_options = f'model_path = "{models_dir / GEN_MODEL_DIR}", max_new_tokens = {max_tokens}, dtype = "{dtype}"'
+        idle_options = "token_delay_ms = 1000, repeat = true, max_new_tokens = 100000"
+        return (
+            head
+            + "\n[worker]\npreload = true\n"
+            + deployment_toml(GEN_MODEL, GEN_ALGORITHM, GEN_DEVICE, gen_options)
+            + deployment_toml(IDLE_MODEL, "algorithms.echo:Echo", IDLE_DEVICE, idle_options)
+        )
 
     return write
 
@@ -641,7 +634,10 @@ async def hold_idle_streams(stack: Stack, threads: int, extra: int, hold_s: floa
     say(f"  holding {len(served)} served streams, {len(waiting)} waiting; closing the served ones")
     closed_at = time.perf_counter()
     await close_streams(served)
-    await wait_for_first_events(waiting, limit_s=60)
+    # Every waiting stream gets a thread once enough served ones have gone, but that can
+    # pause for longer than STALL_S while the freed threads cancel their jobs (SQLite's
+    # write lock): wait the whole minute rather than close them early and call it an error.
+    await wait_for_first_events(waiting, limit_s=60, stall_s=60)
     late = [p.first_event_at - closed_at for p in waiting if p.first_event_at is not None]
     await close_streams(waiting)
     with_job = sum(p.status == 200 for p in probes)  # each 200 means the view created a job
@@ -729,15 +725,6 @@ def fmt_spread(s: dict, digits: int = 0) -> str:
 
 def ratio(a: float, b: float) -> str:
     return "-" if not b or a != a or b != b else f"{a / b:.2f}x"
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def run_row(name: str, s: dict) -> list[str]:
@@ -902,14 +889,12 @@ def run(args: argparse.Namespace, stack: Stack, model_dir: Path) -> tuple[dict |
         setup["torch_threads"] = torch_threads_report(stack)
         del algorithm
     idle = [] if args.skip_idle else measure_idle_streams(stack, args.thread_counts, args.extra_streams, args.hold_s)
-    stack.check_children()
     return generation, idle, setup
 
 
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, raise_stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub, here or in the worker
     fd_limit = raise_fd_limit()
     model_dir = ensure_model(args.models_dir.resolve())
@@ -921,22 +906,10 @@ def main() -> int:
         [GEN_DEVICE, IDLE_DEVICE],
         *PART1_WEB,
     )
-    failed = True
-    try:
-        stack.start()
-        generation, idle, setup = run(args, stack, model_dir)
-        failed = False
-    except (KeyboardInterrupt, Stop):
-        say(f"interrupted; stopping everything (logs kept in {stack.logs})")
-        return 130
-    except Exception as exc:
-        say(f"FAILED: {type(exc).__name__}: {exc}")
-        say(f"logs kept in {stack.logs}")
-        return 2
-    finally:
-        stack.stop()
-        if not failed and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    measured, exit_code = run_on_stack(stack, tmp, args.keep_tmp, lambda: run(args, stack, model_dir))
+    if measured is None:
+        return exit_code
+    generation, idle, setup = measured
 
     if generation:
         print_generation(generation, setup)
@@ -955,7 +928,8 @@ def main() -> int:
             "redis": "embedded (unix socket)" if stack.embedded_redis else redact(stack.redis_url),
             "redis_server_version": stack.redis_server_version,
             "part1_web": f"gunicorn gthread {PART1_WEB[0]} workers x {PART1_WEB[1]} threads",
-            "part2_web": "gunicorn gthread 1 worker x T threads (processes.gunicorn_argv, worker_connections default)",
+            "part2_web": "gunicorn gthread 1 worker x T threads "
+            "(processes.gunicorn_argv: worker_connections max(1000, 2 x T))",
             "workers": f"manage.py runworker {GEN_DEVICE} (SmolLM2), manage.py runworker {IDLE_DEVICE} (echo)",
             "model_dir": str(model_dir),
             "prompt": PROMPT,

@@ -242,7 +242,9 @@ def parse_upstream(kind: str, data: Any, default_reserve: int) -> UpstreamCall:
     field_name = UPSTREAM_INPUTS[kind]
     value = body.raw(field_name, required=True)
     if kind == "chat":
-        parse_messages(value)  # shape checked here, so a bad one costs no call
+        # Only the shape: roles and content parts (images, audio) are the provider's to judge.
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+            raise invalid("messages", "'messages' must be a non-empty array of message objects.", "invalid_type")
     elif not isinstance(value, (str, list)) or not value:
         raise invalid(field_name, f"'{field_name}' must be a string or a non-empty array.", "invalid_type")
     input_text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

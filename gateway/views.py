@@ -51,7 +51,9 @@ def submit(request, parse: Callable[[Any], Any]) -> tuple[Any, Job]:
 
 def upstream_route(request) -> Route | None:
     """The provider serving the body's model, if any: decided by a configured model
-    name alone, never by anything else the client sends."""
+    name alone, never by anything else the client sends. The key's form is checked
+    first, so a missing or malformed key is a 401 whatever the body."""
+    presented_key(request)
     return route_for(request.data.get("model")) if isinstance(request.data, dict) else None
 
 

@@ -35,7 +35,14 @@ def usage_by_day(key_id: int) -> list[dict]:
             output_chars=Sum("output_chars"),
             prompt_tokens=Sum("prompt_tokens"),
             completion_tokens=Sum("completion_tokens"),
+            cost_usd=Sum("cost_usd"),
         )
         .order_by("day")
     )
-    return [{**row, "day": row["day"].isoformat()} for row in rows]
+    return [day_row(row) for row in rows]
+
+
+def day_row(row: dict) -> dict:
+    """JSON-ready: an ISO day, and the spend as a number (None when nothing was priced)."""
+    cost = row["cost_usd"]
+    return {**row, "day": row["day"].isoformat(), "cost_usd": None if cost is None else float(cost)}

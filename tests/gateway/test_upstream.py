@@ -61,6 +61,8 @@ def test_chat_through_the_gateway_records_usage_and_cost(gateway, provider_key, 
     assert str(job.id) == reply.headers["X-Request-Id"]
     row = key_row(key)
     assert (row.calls_used, row.tokens_used) == (1, 6)
+    (day,) = requests.get(f"{gateway.url}/api/usage/", headers={"Authorization": f"Bearer {key}"}).json()["days"]
+    assert day["cost_usd"] == pytest.approx(9 / 1_000_000)  # spend per key and day
     assert_secret_hidden(gateway, reply)
 
 
@@ -175,6 +177,18 @@ def test_a_provider_whose_secret_is_not_set_is_a_503_not_a_401(gateway, make_key
     assert (reply.status_code, error_of(reply)["code"]) == (503, "upstream_not_configured")
     assert "DLA_TEST_UNSET_KEY" not in reply.text
     assert key_row(key).calls_used == 0
+
+
+def test_content_parts_the_provider_judges_are_passed_through(gateway, provider_key, make_key):
+    key = make_key(max_calls=3)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]}
+    reply = post(gateway, key, "/v1/chat/completions", body)
+    # Our own server, as the provider, refuses images: its 400 comes back as it was.
+    assert (reply.status_code, error_of(reply)["param"]) == (400, "messages[0].content[1]")
+    bad = post(gateway, key, "/v1/chat/completions", {**CHAT, "messages": "hi"})
+    assert (bad.status_code, error_of(bad)["param"]) == (400, "messages")
+    assert key_row(key).calls_used == 1  # the shape error cost nothing; the provider's 400 did
 
 
 def test_provider_failure_is_a_502_and_refunded(gateway, provider_key, make_key):
