@@ -24,6 +24,7 @@ from llmjobs.validation import storable_text
 
 DEFAULT_MAX_NEW_TOKENS = 64  # TextGeneration's default cap when a deployment sets none
 MAX_STOP_SEQUENCES = 4
+MAX_TOKENS = 2**31 - 1  # what a job's token columns hold
 MAX_EMBEDDING_INPUTS = 2048
 ROLES = ("system", "developer", "user", "assistant", "tool")
 ENCODING_FORMATS = ("float", "base64")
@@ -159,7 +160,7 @@ def parse_chat(data: Any) -> GenerationCall:
     messages = parse_messages(body.raw("messages", required=True))
     input_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     check_input_size("messages", len(input_text))
-    max_tokens = body.integer("max_completion_tokens", 1) or body.integer("max_tokens", 1)
+    max_tokens = read_max_tokens(body)
     return generation_call("chat", body, deployment, input_text, max_tokens, messages=tuple(messages))
 
 
@@ -172,7 +173,7 @@ def parse_completion(data: Any) -> GenerationCall:
         raise invalid("echo", "echo is not supported.", "unsupported_parameter")
     if body.typed("suffix", (str,), "a string"):
         raise invalid("suffix", "suffix is not supported.", "unsupported_parameter")
-    return generation_call("completion", body, deployment, prompt, body.integer("max_tokens", 1), prompt=prompt)
+    return generation_call("completion", body, deployment, prompt, read_max_tokens(body), prompt=prompt)
 
 
 def generation_call(
@@ -198,6 +199,12 @@ def generation_call(
     )
     body.string("user")
     return GenerationCall(kind, deployment, request, stream, stream and parse_include_usage(body), input_text)
+
+
+def read_max_tokens(body: Body) -> int | None:
+    """`max_completion_tokens` (the newer name) or `max_tokens`, bounded: it is reserved
+    from the key's token budget and stored on the job."""
+    return body.integer("max_completion_tokens", 1, MAX_TOKENS) or body.integer("max_tokens", 1, MAX_TOKENS)
 
 
 def parse_model(body: Body) -> Deployment:
@@ -251,7 +258,7 @@ def parse_upstream(kind: str, data: Any, default_reserve: int) -> UpstreamCall:
     check_storable(field_name, input_text)
     check_input_size(field_name, len(input_text))
     stream = kind != "embeddings" and body.boolean("stream")
-    max_tokens = body.integer("max_completion_tokens", 1) or body.integer("max_tokens", 1)
+    max_tokens = read_max_tokens(body)
     reserve = 0 if kind == "embeddings" else (max_tokens or default_reserve)
     include_usage = stream and parse_include_usage(body)
     return UpstreamCall(kind, data, stream, include_usage, reserve, input_text)

@@ -137,10 +137,12 @@ def failure_from_response(route: Route, response: httpx.Response) -> UpstreamFai
         error = None
     if not isinstance(error, dict):
         error = {"message": f"The provider {route.name!r} refused the request (HTTP {status})."}
+    message = clean_text(error.get("message"), route) or f"HTTP {status}"
     return UpstreamFailure(
         status,
         clean_text(error.get("code"), route) or f"upstream_{status}",
-        clean_text(error.get("message"), route) or f"The provider refused the request (HTTP {status}).",
+        # Whose refusal it is, so a 401 about our secret there is not read as the client's key.
+        f"The provider {route.name!r} refused the request: {message}",
         param=clean_text(error.get("param"), route),
         refund=status in REFUNDED_STATUSES,
         headers=retry_after(response),

@@ -56,20 +56,7 @@ def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -
         fail_abandoned_job(job_id)
         return
     try:
-        outcome = run_job_kind(get_algorithm(model), job_id, kind, payload)
-        if outcome.cancelled:
-            services.record_cancelled(job_id, outcome.prompt_tokens or 0, outcome.completion_tokens or 0)
-            events.emit(job_id, "error", code="cancelled", message=CANCELLED_MESSAGE)
-            return
-        json.dumps(outcome.result)  # it travels and is stored as JSON: refuse anything else here
-        services.finish_job(
-            job_id,
-            outcome.stored,
-            outcome.prompt_tokens,
-            outcome.completion_tokens,
-            store_output=outcome.store_output,
-        )
-        events.emit(job_id, "done", output=outcome.result)
+        record_outcome(job_id, run_job_kind(get_algorithm(model), job_id, kind, payload))
     except SoftTimeLimitExceeded:
         log.warning("job %s on %s stopped at its time limit", job_id, model)
         fail_and_notify(job_id, "job_time_limit", TIME_LIMIT_MESSAGE)
@@ -78,6 +65,23 @@ def execute_job(job_id: str, model: str, kind: str, payload: Any, worker: str) -
     except Exception:
         log.exception("job %s on %s failed", job_id, model)
         fail_and_notify(job_id, "job_failed", JOB_FAILED_MESSAGE)
+
+
+def record_outcome(job_id: str, outcome: Outcome) -> None:
+    """Record what the job produced, then tell its client. A job whose client left just
+    after its last token (cancelled between that token and this write) keeps the
+    tokens it made and is charged exactly them, like any cancelled job."""
+    if outcome.cancelled:
+        services.record_cancelled(job_id, outcome.prompt_tokens or 0, outcome.completion_tokens or 0)
+        events.emit(job_id, "error", code="cancelled", message=CANCELLED_MESSAGE)
+        return
+    json.dumps(outcome.result)  # it travels and is stored as JSON: refuse anything else here
+    finished = services.finish_job(
+        job_id, outcome.stored, outcome.prompt_tokens, outcome.completion_tokens, store_output=outcome.store_output
+    )
+    if not finished:
+        services.record_cancelled(job_id, outcome.prompt_tokens or 0, outcome.completion_tokens or 0)
+    events.emit(job_id, "done", output=outcome.result)
 
 
 def fail_abandoned_job(job_id: str) -> None:

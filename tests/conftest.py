@@ -204,6 +204,7 @@ class Gateway(Live):
 
     log: Path = Path()
     mortal_port: int = 0
+    provider_url: str = ""
 
 
 def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
@@ -252,7 +253,7 @@ def gateway(live, django_db_blocker) -> Iterator[Gateway]:
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
         url, log = f"http://127.0.0.1:{port}", logs_dir() / f"web-{port}.log"
-        yield Gateway(url, live.redis, live.workers, log=log, mortal_port=mortal_port)
+        yield Gateway(url, live.redis, live.workers, log=log, mortal_port=mortal_port, provider_url=live.url)
     finally:
         processes.stop(web)
 

@@ -37,6 +37,7 @@ CHAT = {"model": "words", "messages": [{"role": "user", "content": "hi"}]}
         ({"top_p": 1.5}, "top_p", "invalid_value"),
         ({"max_tokens": 0}, "max_tokens", "invalid_value"),
         ({"max_tokens": "5"}, "max_tokens", "invalid_type"),
+        ({"max_tokens": 2**70}, "max_tokens", "invalid_value"),
         ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
         ({"max_completion_tokens": -1}, "max_completion_tokens", "invalid_value"),
         ({"stream": "yes"}, "stream", "invalid_type"),

@@ -37,11 +37,16 @@ def jobs_of(key: str):
 
 
 def assert_secret_hidden(gateway, *responses: requests.Response) -> None:
+    """Neither the provider's secret nor its address in a response or the gateway's log."""
+    provider_address = gateway.provider_url.removeprefix("http://")
     for response in responses:
         if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
             assert PROVIDER_SECRET not in response.text
+            assert provider_address not in response.text
         assert all(PROVIDER_SECRET not in value for value in response.headers.values())
-    assert PROVIDER_SECRET not in gateway.log.read_text()
+    log = gateway.log.read_text()
+    assert PROVIDER_SECRET not in log
+    assert provider_address not in log
 
 
 def test_chat_through_the_gateway_records_usage_and_cost(gateway, provider_key, make_key):
@@ -166,9 +171,18 @@ def test_provider_4xx_passes_through_in_openai_shape(
     assert error["code"] == code
     if code == "invalid_type":
         assert error["param"] == "temperature"
+    assert error["message"].startswith("The provider 'provider")  # whose refusal it is
     # The client's own bad request costs its call; the provider's refusals do not.
     assert key_row(key).calls_used == (1 if status == 400 else 0)
     assert_secret_hidden(gateway, reply)
+
+
+def test_an_absurd_max_tokens_is_refused_before_it_reaches_the_budget(gateway, provider_key, make_key):
+    key = make_key(max_calls=3, max_tokens_total=1000)
+    reply = post(gateway, key, "/v1/chat/completions", {**CHAT, "max_tokens": 2**63 - 1})
+    assert (reply.status_code, error_of(reply)["param"]) == (400, "max_tokens")
+    row = key_row(key)
+    assert (row.calls_used, row.tokens_used) == (0, 0)
 
 
 def test_a_provider_whose_secret_is_not_set_is_a_503_not_a_401(gateway, make_key):

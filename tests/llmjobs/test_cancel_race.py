@@ -1,0 +1,47 @@
+"""A client that leaves just after the last token: the job was cancelled between the
+worker's last emit and its final write. It keeps its tokens and is charged exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from apikeys.models import ApiKey
+from llmjobs import runtime, services
+from llmjobs.models import Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def running_job(reserve: int) -> Job:
+    api_key, _ = ApiKey.objects.issue(name="race", max_tokens_total=100)
+    ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserve)  # what the consume reserved
+    job = services.create_job(api_key.id, "words", "a b c", "chat", reserve, queue="dla.device.cpu")
+    assert services.mark_running(str(job.id), "worker@test")
+    return job
+
+
+def test_a_job_cancelled_after_its_last_token_is_charged_what_it_made(redis_server):
+    job = running_job(reserve=10)
+    assert services.cancel_job(job.id)  # the stream closed: running -> cancelled
+    result = {"text": "a b c", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 3}
+    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 3, 3))
+
+    job.refresh_from_db()
+    assert (job.status, job.prompt_tokens, job.completion_tokens, job.tokens_settled) == (
+        Job.Status.CANCELLED,
+        3,
+        3,
+        True,
+    )
+    assert ApiKey.objects.get(id=job.api_key_id).tokens_used == 6  # not the 10 reserved
+
+
+def test_a_finished_job_is_charged_once(redis_server):
+    job = running_job(reserve=10)
+    result = {"text": "a", "finish_reason": "stop", "prompt_tokens": 2, "completion_tokens": 1}
+    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 2, 1))
+    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 2, 1))  # a redelivery
+
+    job.refresh_from_db()
+    assert (job.status, job.tokens_settled) == (Job.Status.SUCCEEDED, True)
+    assert ApiKey.objects.get(id=job.api_key_id).tokens_used == 3
