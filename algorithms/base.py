@@ -76,6 +76,12 @@ class Completion:
     finish_reason: str
 
 
+def last_user_message(messages: Sequence[Mapping[str, str]]) -> str:
+    """The content of the last `user` turn ("" if none): what a plug-in that answers
+    one text (`run`, Echo) takes from a chat."""
+    return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
 # emit(text_delta) -> keep going? False means the client went away: stop within one
 # token step and return what was made so far with finish_reason "cancelled".
 Emit = Callable[[str], bool]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from itertools import cycle, islice
 
-from algorithms.base import Completion, Emit, GenerationRequest
+from algorithms.base import Completion, Emit, GenerationRequest, last_user_message
 from algorithms.textstream import StreamedText
 
 WORD = re.compile(r"\S+\s*")
@@ -104,8 +104,7 @@ def _echoed_text(request: GenerationRequest) -> str:
     """What Echo answers with: the last user message of a chat (``""`` if none), or the prompt."""
     if request.messages is None:
         return request.prompt or ""
-    user_turns = [m["content"] for m in request.messages if m["role"] == "user"]
-    return user_turns[-1] if user_turns else ""
+    return last_user_message(request.messages)
 
 
 def _prompt_text(request: GenerationRequest) -> str:

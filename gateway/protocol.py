@@ -114,6 +114,10 @@ class GenerationCall:
     def reserve_tokens(self) -> int:
         return self.request.max_tokens
 
+    @property
+    def chunk_shape(self) -> ChunkShape:
+        return CHAT_CHUNKS if self.kind == "chat" else COMPLETION_CHUNKS
+
     def payload(self) -> dict[str, Any]:
         return {"request": self.request.as_payload(), "stream": self.stream}
 
@@ -158,7 +162,7 @@ def parse_chat(data: Any) -> GenerationCall:
     body = Body(data)
     deployment = parse_model(body)
     messages = parse_messages(body.raw("messages", required=True))
-    input_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    input_text = transcript(messages)
     check_input_size("messages", len(input_text))
     max_tokens = read_max_tokens(body)
     return generation_call("chat", body, deployment, input_text, max_tokens, messages=tuple(messages))
@@ -293,6 +297,12 @@ def parse_message(message: Any, param: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
+def transcript(messages: list[dict[str, str]]) -> str:
+    """A chat as one text, `role: content` per line: what the Job row keeps and the
+    input size limit measures."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def message_text(content: Any, param: str) -> str:
     """A string, or text parts joined (the SDK's content-part form); null for an
     assistant turn that only called tools. Images and audio are not supported."""
@@ -380,7 +390,7 @@ def parse_tokenize(data: Any) -> TokenizeCall:
     deployment = parse_model(body)
     if body.raw("messages") is not None:
         messages = parse_messages(body.raw("messages"))
-        input_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        input_text = transcript(messages)
         request = GenerationRequest(max_tokens=1, messages=tuple(messages))
     else:
         name = "prompt" if body.raw("prompt") is not None else "input"

@@ -73,9 +73,7 @@ def answer_plain(job: Job, route: Route, response: httpx.Response, note: dict) -
         fail(job, failure)
         raise
     data["model"] = route.model.name
-    usage = upstream.usage_numbers(data) or estimated_usage(job, 1)
-    finish(job, route, answer_text(data), usage)
-    note.update(prompt_tokens=usage[0], completion_tokens=usage[1])
+    finish(job, route, answer_text(data), upstream.usage_numbers(data) or estimated_usage(job, 1), note)
     return data
 
 
@@ -122,9 +120,7 @@ def relay_stream(
                 return
             if data == "[DONE]":
                 ended = True
-                usage = usage or estimated_usage(job, len(pieces))
-                finish(job, route, "".join(pieces), usage)
-                note.update(prompt_tokens=usage[0], completion_tokens=usage[1])
+                finish(job, route, "".join(pieces), usage or estimated_usage(job, len(pieces)), note)
                 yield protocol.SSE_DONE
                 return
             event = parse_event(route, data)
@@ -169,8 +165,10 @@ def estimated_usage(job: Job, completion_pieces: int) -> tuple[int, int]:
     return -(-job.input_chars // CHARS_PER_TOKEN), completion_pieces
 
 
-def finish(job: Job, route: Route, text: str, usage: tuple[int, int]) -> None:
+def finish(job: Job, route: Route, text: str, usage: tuple[int, int], note: dict) -> None:
+    """Record the answer and its usage (and cost) on the job, and in the log line."""
     prompt, completion = usage
+    note.update(prompt_tokens=prompt, completion_tokens=completion)
     services.finish_job(
         job.id,
         text,

@@ -19,8 +19,6 @@ from django.http import HttpRequest, StreamingHttpResponse
 
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from gateway.protocol import (
-    CHAT_CHUNKS,
-    COMPLETION_CHUNKS,
     SSE_DONE,
     SSE_KEEPALIVE,
     GenerationCall,
@@ -77,7 +75,7 @@ def stream_generation(
     stops this generator early (disconnect, failed write) cancels the job. `note`
     receives the outcome for the request's log line."""
     note = {} if note is None else note
-    shape = CHAT_CHUNKS if call.kind == "chat" else COMPLETION_CHUNKS
+    shape = call.chunk_shape
     header = {
         "id": response_id(call.kind, job.id),
         "created": int(job.created_at.timestamp()),
@@ -164,7 +162,7 @@ def finish_chunks(
     call: GenerationCall, header: Mapping[str, Any], result: Mapping[str, Any], note: dict
 ) -> Iterator[bytes]:
     note.update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
-    shape = CHAT_CHUNKS if call.kind == "chat" else COMPLETION_CHUNKS
+    shape = call.chunk_shape
     yield sse_event(shape.chunk(header, None, finish_reason(result["finish_reason"]), call.include_usage))
     if call.include_usage:
         yield sse_event(shape.usage_chunk(header, result["prompt_tokens"], result["completion_tokens"]))

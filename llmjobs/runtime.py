@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections
 
-from algorithms.base import Completion, GenerationRequest, SupportsEmbed, SupportsGenerate
+from algorithms.base import Completion, GenerationRequest, SupportsEmbed, SupportsGenerate, last_user_message
 from algorithms.loader import build_algorithm
 from llmjobs import events, services
 from llmjobs.routing import deployments_on_device, device_queue_name
@@ -164,12 +164,13 @@ def generate_with_run(algorithm: Any, request: GenerationRequest, emit: Callable
     output = output if isinstance(output, str) else json.dumps(output)
     if output:
         emit(output)
-    count = getattr(algorithm, "count_tokens", None) or (lambda value: len(value.split()))
+    count = token_counter(algorithm)
     return Completion(output, count(text), count(output), "stop")
 
 
-def last_user_message(messages) -> str:
-    return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+def token_counter(algorithm: Any) -> Callable[[str], int]:
+    """The plug-in's `count_tokens`, or whitespace words when it has none."""
+    return getattr(algorithm, "count_tokens", None) or (lambda value: len(value.split()))
 
 
 def run_embeddings(algorithm: Any, job_id: str, payload: dict[str, Any]) -> Outcome:
@@ -186,7 +187,7 @@ def count_input_tokens(algorithm: Any, texts: list[str]) -> int:
     batch = getattr(algorithm, "count_tokens_batch", None)
     if callable(batch):
         return int(batch(texts))
-    count = getattr(algorithm, "count_tokens", None) or (lambda value: len(value.split()))
+    count = token_counter(algorithm)
     return sum(int(count(text)) for text in texts)
 
 
