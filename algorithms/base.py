@@ -1,9 +1,10 @@
 """The Algorithm contract, written down as typing protocols.
 
 Nothing has to inherit from these classes: any class with the right methods is an
-algorithm (the seed's ``tbg_llm_example.Algorithm`` is one as it stands). The worker
-checks for the optional capabilities by presence, e.g. ``isinstance(algorithm,
-SupportsEmbed)``, so a plug-in that only implements ``run`` keeps working.
+algorithm (the seed's ``tbg_llm_example.Algorithm`` is one as it stands). Every
+optional method has a protocol here, and ``algorithms.capabilities`` is the one place
+that discovers which of them a loaded plug-in has (once, when it loads), so a plug-in
+that only implements ``run`` keeps working.
 """
 
 from __future__ import annotations
@@ -112,15 +113,12 @@ class Algorithm(Protocol):
 
 
 @runtime_checkable
-class SupportsRunBatch(Protocol):
-    """Optional: answer several queued requests in one pass.
+class SupportsComplete(Protocol):
+    """Optional: answer ``POST /api/`` with token counts (a text generator's ``run``
+    plus usage), so the seed's endpoint is charged real tokens too."""
 
-    Batching pays on this hardware (about 10x the tokens/s at batch 16 for a small
-    chat model), so a worker with several waiting jobs hands them over together.
-    """
-
-    def run_batch(self, inputs: Sequence[str]) -> list[str | dict]:
-        """Return one answer per input, in the same order."""
+    def complete(self, input_text: str) -> Completion:
+        """Like ``run``, returning the text with its token counts and finish reason."""
 
 
 @runtime_checkable
@@ -158,3 +156,20 @@ class SupportsCountTokens(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """Return the number of tokens ``text`` takes for this model."""
+
+
+@runtime_checkable
+class SupportsCountTokensBatch(Protocol):
+    """Optional: count the tokens of many texts in one call (``/v1/embeddings`` usage),
+    faster than one ``count_tokens`` per text."""
+
+    def count_tokens_batch(self, texts: Sequence[str]) -> int:
+        """Return the total number of tokens of ``texts`` for this model."""
+
+
+@runtime_checkable
+class SupportsTokenize(Protocol):
+    """Optional: the token ids generation would feed the model (``/v1/tokenize``)."""
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """Return the prompt's token ids for ``request``, exactly as ``generate`` uses them."""

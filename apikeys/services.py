@@ -1,4 +1,5 @@
-"""State changes on keys: consume and refund calls, revoke, reset."""
+"""State changes on keys: admission (take a call, exactly, under any concurrency),
+refunds and settlements (for the job lifecycle only), revoke, reset."""
 
 from __future__ import annotations
 
@@ -71,26 +72,29 @@ def try_consume(presented: PresentedKey, reserve_tokens: int, needed: int) -> tu
         return cursor.fetchone()
 
 
-def consume_call_for_model(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> ConsumedCall:
-    """consume_call, then the key's model list; a call on a forbidden model is handed
-    straight back, reservation included, so it costs nothing."""
+def take_call(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> int:
+    """Admission: the key, its window, one call and `reserve_tokens` of its budget in
+    consume_call's single UPDATE, then the key's model list; the key's id. It runs
+    inside the transaction that records the call's job, so a refusal raised here (a
+    forbidden model included) rolls the UPDATE back with it: a refused call costs
+    nothing and needs no refund."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("take_call must run inside the transaction that records the job")
     call = consume_call(presented, reserve_tokens)
     if not call.may_use(model):
-        refund_call(call.key_id)
-        settle_tokens(call.key_id, -reserve_tokens)
         raise ApiError(403, "model_not_allowed", f"This API key may not use the model {model!r}.", param="model")
-    return call
+    return call.key_id
 
 
 def refund_call(key_id: int) -> None:
-    """Give one call back. Callers make it idempotent per job (llmjobs.services)."""
+    """Give one call back. Only the job lifecycle calls it, once per job (llmjobs.lifecycle)."""
     ApiKey.objects.filter(id=key_id, calls_used__gt=0).update(calls_used=F("calls_used") - 1)
 
 
 def settle_tokens(key_id: int, delta: int) -> None:
     """Correct a reservation by what the call really used (`used - reserved`). One
     atomic increment, so concurrent settlements never lose each other's updates.
-    Callers make it happen once per job (llmjobs.services)."""
+    Only the job lifecycle calls it, once per job (llmjobs.lifecycle)."""
     if delta:
         with connection.cursor() as cursor:
             cursor.execute(SETTLE_SQL, [delta, key_id])

@@ -34,6 +34,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from djangollmapi import processes  # noqa: E402
+from djangollmapi.config import ServerConfig  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 QUEUE_PREFIX = "dla.device."  # llmjobs.routing.QUEUE_PREFIX, without importing Django
@@ -164,7 +165,8 @@ class Stack:
         """gunicorn with the flags `serve` uses (`processes.gunicorn_argv`)."""
         self.web_workers, self.web_threads = workers, threads
         say(f"starting gunicorn gthread {workers}x{threads} on {self.base_url}")
-        argv = processes.gunicorn_argv(f"127.0.0.1:{self.port}", workers, threads)
+        shape = {"host": "127.0.0.1", "port": self.port, "web_workers": workers, "web_threads": threads}
+        argv = processes.gunicorn_argv(ServerConfig(data_dir=self.tmp).model_copy(update=shape))
         self.children.append(("web", processes.spawn(argv, env=self.env, log_path=self.logs / "web.log")))
 
     def restart_web(self, workers: int, threads: int) -> None:

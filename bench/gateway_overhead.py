@@ -82,7 +82,7 @@ from fake_upstream import ANSWER_TEXT
 # isort: split
 # After `common`, which puts the project root on sys.path.
 from djangollmapi import processes
-from djangollmapi.config import ServerConfig
+from djangollmapi.config import DEFAULT_WEB_THREADS, DEFAULT_WEB_WORKERS
 
 UPSTREAM_MODEL = "fake-model"  # the provider's name for the model
 MODEL = "fake-gpt"  # what clients of both gateways ask for
@@ -99,8 +99,8 @@ PROMPT = "Say hello in five words."
 CHAT_PATH = "/v1/chat/completions"
 FLOOR_PATH = "/v1/bench-floor"  # no such route: gunicorn + Django + our middleware + the JSON 404, nothing else
 MAX_TOKENS = 16
-WEB_WORKERS = ServerConfig.__dataclass_fields__["web_workers"].default  # what `serve` starts by default
-WEB_THREADS = ServerConfig.__dataclass_fields__["web_threads"].default
+WEB_WORKERS = DEFAULT_WEB_WORKERS  # what `serve` starts by default
+WEB_THREADS = DEFAULT_WEB_THREADS
 CONCURRENCIES = (1, 32)
 REQUEST_TIMEOUT_S = 30
 READY_TIMEOUT_S = 120

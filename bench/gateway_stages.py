@@ -1,26 +1,31 @@
 """Where one upstream call's time goes inside our gateway: run by gateway_overhead.py in
 a child process with the benchmark stack's environment (config, data dir, database).
 
-It sends the same chat completion through Django in-process (the test client: every
-middleware, DRF, the view, the pooled httpx client, the real database and the real fake
-provider; no gunicorn, no client socket), one at a time, with timers wrapped around
-the stages `gateway.proxy.forward` calls and a database execute wrapper counting
-statements. Wrapping looks functions up by module attribute at call time, which is how
-proxy.py calls them, so the code measured is the code that serves requests.
+Two loops, interleaved request by request so both see the same machine:
 
-Prints one JSON object: per-stage p50 / mean ms, statements per request, SQL time.
+- the whole call: the same chat completion through Django in-process (the test
+  client: every middleware, DRF, the view, the pooled httpx client, the real database
+  and the real fake provider; no gunicorn, no client socket), with statements and
+  COMMITs counted;
+- its stages: the same call made through the seams the view is built of, each one
+  timed: the authentication class's `caller_for`, `route_model`, the typed body,
+  `lifecycle.open_upstream` (admission + Job INSERT), the provider (`upstream`), and
+  `lifecycle.finish_upstream`, then the request log line.
+
+"rest" is the whole call's p50 minus the stages' p50s: Django, DRF, the middleware,
+JSON. Prints one JSON object: per-stage p50 / mean ms, statements per request, SQL time.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,48 +37,35 @@ import django  # noqa: E402
 
 django.setup()
 
-from django.db import connection, connections  # noqa: E402
-from django.test import Client  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.http import JsonResponse  # noqa: E402
+from django.test import Client, RequestFactory  # noqa: E402
 
-from djangollmapi import middleware  # noqa: E402
+from apikeys.authentication import caller_for  # noqa: E402
+from djangollmapi.middleware import RequestLogMiddleware  # noqa: E402
+from djangollmapi.routes import route_model  # noqa: E402
 from gateway import proxy, upstream  # noqa: E402
-from llmjobs import services  # noqa: E402
+from gateway.protocol import forwarded, requests  # noqa: E402
+from llmjobs import lifecycle  # noqa: E402
 
-# (label, module, attribute): the stages of gateway.proxy.forward, in call order.
+PATH = "/v1/chat/completions"
 STAGES = (
-    ("parse key", proxy, "presented_key"),
-    ("parse + validate body", proxy, "parse_with_key_errors_first"),
-    ("key check + reserve + Job INSERT (1 transaction)", services, "start_upstream_job"),
-    ("release DB connection", services, "release_db_connection"),
-    ("httpx: send + provider answers headers", upstream, "open_response"),
-    ("httpx: read + JSON-decode body", upstream, "read_json"),
-    ("Job UPDATE + settle tokens (1 transaction)", services, "finish_job"),
-    ("request log line", middleware.RequestLogMiddleware, "write"),
+    "authenticate: parse the Authorization header (caller_for)",
+    "route_model + typed body",
+    "admission: key check + reserve + Job INSERT (1 transaction)",
+    "httpx: send + provider answers headers",
+    "httpx: read + JSON-decode body",
+    "Job UPDATE + settle tokens (1 transaction)",
+    "request log line",
 )
 
 
-class Recorder:
-    """Seconds spent in each wrapped stage, per request, and SQL statements."""
+class Counter:
+    """SQL statements (through Django's execute wrapper) and COMMITs of one request."""
 
     def __init__(self) -> None:
-        self.current: dict[str, float] = defaultdict(float)
-        self.sql_count = 0
-        self.sql_s = 0.0
-        self.commits = 0
-        self.commit_s = 0.0
-
-    def wrap(self, label: str, owner: Any, name: str) -> None:
-        original: Callable = getattr(owner, name)
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.current[label] += time.perf_counter() - t0
-
-        setattr(owner, name, timed)
+        self.sql_count, self.sql_s, self.commits, self.commit_s = 0, 0.0, 0, 0.0
 
     def sql(self, execute: Callable, sql: str, params: Any, many: bool, context: dict) -> Any:
         t0 = time.perf_counter()
@@ -83,32 +75,56 @@ class Recorder:
             self.sql_s += time.perf_counter() - t0
             self.sql_count += 1
 
-    def wrap_commit(self) -> None:
-        """COMMIT does not pass the execute wrapper: time the backend's _commit itself."""
-        backend = type(connections["default"])
-        original = backend._commit
+    @contextmanager
+    def commits_counted(self):
+        """COMMIT does not pass the execute wrapper: time Django's connection.commit."""
+        original = connection.commit
 
-        def timed(wrapper: Any) -> Any:
+        def timed() -> None:
             t0 = time.perf_counter()
             try:
-                return original(wrapper)
+                original()
             finally:
                 self.commit_s += time.perf_counter() - t0
                 self.commits += 1
 
-        backend._commit = timed
+        connection.commit = timed
+        try:
+            yield
+        finally:
+            del connection.commit
 
-    def take(self) -> dict[str, Any]:
-        taken = {
-            "stages": dict(self.current),
-            "sql_count": self.sql_count,
-            "sql_s": self.sql_s,
-            "commits": self.commits,
-            "commit_s": self.commit_s,
-        }
-        self.current.clear()
-        self.sql_count, self.sql_s, self.commits, self.commit_s = 0, 0.0, 0, 0.0
+    def take(self) -> dict[str, float]:
+        taken = {"sql_count": self.sql_count, "sql_s": self.sql_s, "commits": self.commits, "commit_s": self.commit_s}
+        self.__init__()
         return taken
+
+
+def staged_call(factory: RequestFactory, body: str, key: str) -> dict[str, float]:
+    """One call made through the seams, in the view's order; seconds per stage (the
+    request object and the response the log line reads are made outside the timing)."""
+    reply = JsonResponse({"model": "logged"})
+    request = factory.post(PATH, data=body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+    marks = [time.perf_counter()]
+    caller = caller_for(request)
+    marks.append(time.perf_counter())
+    data = json.loads(body)
+    route = route_model(requests.model_name(data))
+    call = forwarded.parse_upstream(
+        "chat", data, route.upstream.reserve_tokens, settings.LLM_CONFIG.server.max_input_chars
+    )
+    marks.append(time.perf_counter())
+    job = lifecycle.open_upstream(caller.presented, route, call)
+    marks.append(time.perf_counter())
+    response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
+    marks.append(time.perf_counter())
+    answer = upstream.read_json(route, response)
+    marks.append(time.perf_counter())
+    lifecycle.finish_upstream(job, route, proxy.answer_text(answer), upstream.usage_numbers(answer))
+    marks.append(time.perf_counter())
+    RequestLogMiddleware(lambda r: None).write(request, reply, marks[0])
+    marks.append(time.perf_counter())
+    return {label: b - a for label, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
 
 
 def summary_ms(values_s: list[float]) -> dict[str, float]:
@@ -129,6 +145,48 @@ def time_floor(client: Client, path: str, headers: dict[str, str], n: int, warmu
     return summary_ms(totals)
 
 
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    client, factory, counter = Client(HTTP_HOST="127.0.0.1"), RequestFactory(HTTP_HOST="127.0.0.1"), Counter()
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {args.key}"}
+    totals: list[float] = []
+    per_stage: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, list[float]] = defaultdict(list)
+    for i in range(args.warmup + args.requests):
+        with connection.execute_wrapper(counter.sql), counter.commits_counted():
+            t0 = time.perf_counter()
+            response = client.post(PATH, data=args.body, content_type="application/json", **headers)
+            total = time.perf_counter() - t0
+        taken = counter.take()
+        if response.status_code != 200:
+            raise SystemExit(f"HTTP {response.status_code}: {response.content[:300]!r}")
+        stages = staged_call(factory, args.body, args.key)
+        if i < args.warmup:
+            continue
+        totals.append(total)
+        for name, value in taken.items():
+            counts[name].append(value)
+        for label in STAGES:
+            per_stage[label].append(stages[label])
+    stages_ms = {label: summary_ms(per_stage[label]) for label in STAGES}
+    rest_p50 = summary_ms(totals)["p50"] - sum(stage["p50"] for stage in stages_ms.values())
+    return {
+        "requests": len(totals),
+        "in_process_total_ms": summary_ms(totals),
+        "stages_ms": stages_ms,
+        "rest_ms": {"p50": round(rest_p50, 3)},
+        "rest_is": "Django + DRF request/response handling, middleware, URL routing, body parsing, JsonResponse",
+        "sql_statements_per_request": sorted({int(c) for c in counts["sql_count"]}),
+        "sql_ms": summary_ms(counts["sql_s"]),
+        "sql_is": "statements through Django's execute wrapper (BEGIN included), COMMIT not",
+        "commits_per_request": sorted({int(c) for c in counts["commits"]}),
+        "commit_ms": summary_ms(counts["commit_s"]),
+        "database_vendor": connection.vendor,
+        "floor_in_process_ms": time_floor(client, args.floor_path, headers, args.requests, args.warmup)
+        if args.floor_path
+        else {},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--key", required=True)
@@ -137,54 +195,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--floor-path", default="", help="also time GET of this unrouted path (the JSON 404)")
-    args = parser.parse_args()
-
-    recorder = Recorder()
-    for label, owner, name in STAGES:
-        recorder.wrap(label, owner, name)
-    recorder.wrap_commit()
-    client = Client(HTTP_HOST="127.0.0.1")
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {args.key}"}
-    totals: list[float] = []
-    per_stage: dict[str, list[float]] = defaultdict(list)
-    sql_counts: list[int] = []
-    sql_times: list[float] = []
-    commit_counts: list[int] = []
-    commit_times: list[float] = []
-    with connection.execute_wrapper(recorder.sql):
-        for i in range(args.warmup + args.requests):
-            t0 = time.perf_counter()
-            response = client.post("/v1/chat/completions", data=args.body, content_type="application/json", **headers)
-            total = time.perf_counter() - t0
-            taken = recorder.take()
-            if response.status_code != 200:
-                raise SystemExit(f"HTTP {response.status_code}: {response.content[:300]!r}")
-            if i < args.warmup:
-                continue
-            totals.append(total)
-            sql_counts.append(taken["sql_count"])
-            sql_times.append(taken["sql_s"])
-            commit_counts.append(taken["commits"])
-            commit_times.append(taken["commit_s"])
-            for label, _owner, _name in STAGES:
-                per_stage[label].append(taken["stages"].get(label, 0.0))
-    floor = time_floor(client, args.floor_path, headers, args.requests, args.warmup) if args.floor_path else {}
-    covered = [sum(per_stage[label][i] for label in per_stage) for i in range(len(totals))]
-    result = {
-        "requests": len(totals),
-        "in_process_total_ms": summary_ms(totals),
-        "stages_ms": {label: summary_ms(per_stage[label]) for label, _owner, _name in STAGES},
-        "rest_ms": summary_ms([t - c for t, c in zip(totals, covered, strict=True)]),
-        "rest_is": "Django + DRF request/response handling, middleware, routing, body parsing, JsonResponse",
-        "sql_statements_per_request": sorted(set(sql_counts)),
-        "sql_ms": summary_ms(sql_times),
-        "sql_is": "statements through Django's execute wrapper (BEGIN included), COMMIT not",
-        "commits_per_request": sorted(set(commit_counts)),
-        "commit_ms": summary_ms(commit_times),
-        "database_vendor": connection.vendor,
-        "floor_in_process_ms": floor,
-    }
-    print(json.dumps(result))
+    print(json.dumps(measure(parser.parse_args())))
 
 
 if __name__ == "__main__":

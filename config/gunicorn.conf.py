@@ -30,15 +30,14 @@ _server = load_config().server
 wsgi_app = "djangollmapi.wsgi:application"
 chdir = str(PROJECT_ROOT)
 
-# An IPv6 host needs brackets, as in `serve`.
-bind = [f"[{_server.host}]:{_server.port}" if ":" in _server.host else f"{_server.host}:{_server.port}"]
+bind = [_server.bind]
 
 worker_class = "gthread"
 workers = _server.web_workers
 threads = _server.web_threads
 # Open connections per worker (gthread's default is 1000): above the threads, so each
 # thread can hold a waiting stream and keep-alive stays on.
-worker_connections = max(1000, threads * 2)
+worker_connections = _server.worker_connections
 
 # With gthread the worker's main loop reports to the arbiter while request threads
 # wait, so `timeout` only catches a wedged worker process; it does not cut off a

@@ -23,9 +23,9 @@ def configure(app: Celery) -> None:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_time_limit=worker.time_limit_s,
-        task_soft_time_limit=max(worker.time_limit_s - 5, worker.time_limit_s * 0.9),
+        task_soft_time_limit=worker.soft_time_limit_s,
         # Above the hard limit: an unacked job is redelivered only if its worker died.
-        broker_transport_options={"visibility_timeout": int(worker.time_limit_s) + 300},
+        broker_transport_options={"visibility_timeout": worker.visibility_timeout_s},
         broker_connection_timeout=2,
         broker_connection_retry_on_startup=True,
         task_publish_retry=False,

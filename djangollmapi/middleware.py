@@ -31,13 +31,16 @@ def log_fields(request: HttpRequest) -> dict[str, Any]:
     return request.__dict__.setdefault("_dla_log_fields", {})
 
 
+def note_job(request: HttpRequest, job: Any) -> None:
+    """A call's job in its log line: model, backend, and the job id as request id."""
+    log_fields(request).update(model=job.model, backend=job.backend, request_id=str(job.id))
+
+
 def key_label(request: HttpRequest) -> str:
-    """The key's public prefix (never its secret), "jwt" for a token, "-" for none."""
-    credentials = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")[2].strip()
-    parts = credentials.split("_")
-    if len(parts) >= 3 and parts[0] == "dla":
-        return parts[1][:12]
-    return "jwt" if credentials.count(".") == 2 else "-"
+    """Who called, as the authentication class saw it (`request.auth`): the key's
+    public prefix (never its secret), "jwt" for a token, "-" for none."""
+    caller = getattr(request, "auth", None)
+    return getattr(caller, "label", None) or "-"
 
 
 class RequestLogMiddleware:

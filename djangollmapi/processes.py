@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from djangollmapi.config import ServerConfig
+
 PR_SET_PDEATHSIG = 1
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,14 +106,9 @@ def manage_argv(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "manage.py"), *args]
 
 
-def worker_connections(threads: int) -> int:
-    """gthread caps a worker's open connections at this (default 1000): keep it above
-    the threads, so every thread can hold a waiting stream and keep-alive stays on."""
-    return max(1000, threads * 2)
-
-
-def gunicorn_argv(bind: str, workers: int, threads: int) -> list[str]:
-    """gthread workers: sync Django views, a thread per waiting request (DESIGN.md)."""
+def gunicorn_argv(server: ServerConfig) -> list[str]:
+    """gthread workers: sync Django views, a thread per waiting request (DESIGN.md),
+    shaped by the `[server]` table (a copy with another host, port or size for tests)."""
     return [
         sys.executable,
         "-m",
@@ -120,13 +117,13 @@ def gunicorn_argv(bind: str, workers: int, threads: int) -> list[str]:
         "--worker-class",
         "gthread",
         "--workers",
-        str(workers),
+        str(server.web_workers),
         "--threads",
-        str(threads),
+        str(server.web_threads),
         "--worker-connections",
-        str(worker_connections(threads)),
+        str(server.worker_connections),
         "--bind",
-        bind,
+        server.bind,
         "--timeout",
         "60",
         "--graceful-timeout",

@@ -1,9 +1,11 @@
 """A call to an upstream model, from our key to the provider's answer.
 
-The same key checks, quota, token reservation and Job row as a local call; the web
-process forwards the request itself (no worker: the provider is the device). Usage
-comes from the provider's `usage`; a stream passes through chunk by chunk as it
-arrives, and one that breaks ends with an SSE error event, never a silent cut.
+The same admission, quota, token reservation and Job row as a local call (the job
+lifecycle); the web process forwards the request itself (no worker: the provider is
+the device). Usage comes from the provider's `usage`; a stream passes through chunk by
+chunk as it arrives, and one that breaks ends with an SSE error event, never a silent
+cut. What a provider's failure costs, and what its answer is charged, is the
+lifecycle's billing policy.
 """
 
 from __future__ import annotations
@@ -17,33 +19,26 @@ from typing import Any
 import httpx
 from django.http import HttpResponse, JsonResponse
 
-from apikeys.authentication import parse_with_key_errors_first, presented_key
-from djangollmapi.middleware import log_fields
-from gateway import protocol, upstream
+from djangollmapi.middleware import log_fields, note_job
+from djangollmapi.routes import UpstreamRoute
+from gateway import upstream
+from gateway.protocol.forwarded import UpstreamCall
+from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, sse_response
-from gateway.upstream import Route, UpstreamFailure
-from llmjobs import services
+from gateway.upstream import UpstreamFailure
+from llmjobs import lifecycle
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
 
-CHARS_PER_TOKEN = 4  # estimate only when a provider reports no usage
 
-
-def forward(request, kind: str, route: Route) -> HttpResponse:
-    """Check, charge, record, forward; answer as the provider did (model renamed)."""
-    presented = presented_key(request)
-    reserve = route.upstream.reserve_tokens
-    parse = lambda data: protocol.parse_upstream(kind, data, reserve)  # noqa: E731
-    call = parse_with_key_errors_first(presented, parse, request.data)
-    job = services.start_upstream_job(
-        presented, route.model.name, route.name, kind, input_text=call.input_text, reserve_tokens=call.reserve_tokens
-    )
-    services.release_db_connection()
+def forward(request, route: UpstreamRoute, call: UpstreamCall) -> HttpResponse:
+    """Charge and record, forward, answer as the provider did (model renamed)."""
+    job = lifecycle.open_upstream(request.auth.presented, route, call)
+    note_job(request, job)
     note = log_fields(request)
-    note.update(model=route.model.name, backend=route.name, request_id=str(job.id))
     try:
-        response = upstream.open_response(route, kind, call.body_for(route.model.upstream_name))
+        response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
     except UpstreamFailure as failure:
         fail(job, failure)
         raise
@@ -66,14 +61,14 @@ def response_headers(job: Job, response: httpx.Response) -> dict[str, str]:
     return headers
 
 
-def answer_plain(job: Job, route: Route, response: httpx.Response, note: dict) -> dict[str, Any]:
+def answer_plain(job: Job, route: UpstreamRoute, response: httpx.Response, note: dict) -> dict[str, Any]:
     try:
         data = upstream.read_json(route, response)
     except UpstreamFailure as failure:
         fail(job, failure)
         raise
-    data["model"] = route.model.name
-    finish(job, route, answer_text(data), upstream.usage_numbers(data) or estimated_usage(job, 1), note)
+    data["model"] = route.name
+    finish(job, route, answer_text(data), upstream.usage_numbers(data), 1, note)
     return data
 
 
@@ -100,8 +95,8 @@ def choice_text(data: dict[str, Any], part: str) -> str:
 
 def relay_stream(
     job: Job,
-    route: Route,
-    call: protocol.UpstreamCall,
+    route: UpstreamRoute,
+    call: UpstreamCall,
     response: httpx.Response,
     client_gone: Callable[[], bool],
     note: dict,
@@ -120,8 +115,8 @@ def relay_stream(
                 return
             if data == "[DONE]":
                 ended = True
-                finish(job, route, "".join(pieces), usage or estimated_usage(job, len(pieces)), note)
-                yield protocol.SSE_DONE
+                finish(job, route, "".join(pieces), usage, len(pieces), note)
+                yield SSE_DONE
                 return
             event = parse_event(route, data)
             usage = upstream.usage_numbers(event) or usage
@@ -132,59 +127,40 @@ def relay_stream(
                 if event.get("usage") and not event.get("choices"):
                     continue
                 event.pop("usage", None)
-            event["model"] = route.model.name
-            yield protocol.sse_event(event)
-        raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.name!r} ended early.")
+            event["model"] = route.name
+            yield sse_event(event)
+        raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
     except UpstreamFailure as failure:
         ended = True
         fail(job, failure)
         note["outcome"] = failure.code
-        yield protocol.error_event(failure.status, failure.code, failure.message)
+        yield error_event(failure.status, failure.code, failure.message)
     finally:
         response.close()
         if not ended:
             with contextlib.suppress(Exception):
-                stop_abandoned(job, usage or estimated_usage(job, len(pieces)))
+                lifecycle.abandon_upstream(job, usage, len(pieces))
 
 
-def parse_event(route: Route, data: str) -> dict[str, Any]:
+def parse_event(route: UpstreamRoute, data: str) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError:
-        raise UpstreamFailure(502, "upstream_error", f"The provider {route.name!r} sent an unreadable event.") from None
+        raise UpstreamFailure(
+            502, "upstream_error", f"The provider {route.provider!r} sent an unreadable event."
+        ) from None
     if not isinstance(event, dict):
-        raise UpstreamFailure(502, "upstream_error", f"The provider {route.name!r} sent an unexpected event.")
+        raise UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unexpected event.")
     if "error" in event:
         raise upstream.error_in_stream(route, event)
     return event
 
 
-def estimated_usage(job: Job, completion_pieces: int) -> tuple[int, int]:
-    """A provider that reports no usage (or a stream cut before its usage chunk) is
-    charged an estimate: ~4 characters a prompt token, one token per streamed piece."""
-    return -(-job.input_chars // CHARS_PER_TOKEN), completion_pieces
-
-
-def finish(job: Job, route: Route, text: str, usage: tuple[int, int], note: dict) -> None:
-    """Record the answer and its usage (and cost) on the job, and in the log line."""
-    prompt, completion = usage
+def finish(job: Job, route: UpstreamRoute, text: str, usage: tuple[int, int] | None, pieces: int, note: dict) -> None:
+    """Record the answer, and what it was charged in the request's log line."""
+    prompt, completion = lifecycle.finish_upstream(job, route, text, usage, pieces)
     note.update(prompt_tokens=prompt, completion_tokens=completion)
-    services.finish_job(
-        job.id,
-        text,
-        prompt,
-        completion,
-        store_output=job.kind != "embeddings",
-        cost_usd=route.model.cost(prompt, completion),
-    )
 
 
 def fail(job: Job, failure: UpstreamFailure) -> None:
-    services.fail_job(job.id, failure.code, failure.message, refund=failure.refund)
-
-
-def stop_abandoned(job: Job, usage: tuple[int, int]) -> None:
-    """The client went away mid-stream: the job ends `cancelled`, charged for what
-    was streamed (the provider bills it too); the call is not refunded."""
-    services.cancel_job(job.id)
-    services.record_cancelled(str(job.id), *usage)
+    lifecycle.fail_upstream(job, failure.status, failure.code, failure.message)

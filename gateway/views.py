@@ -1,27 +1,30 @@
-"""`/v1/*`: the OpenAI-compatible surface. Views only route: the wire format is in
-`protocol`, streaming in `streaming`, keys in `apikeys`, jobs in `llmjobs`."""
+"""`/v1/*`: the OpenAI-compatible surface. Views only route: who calls is
+`request.auth` (apikeys.authentication), which backend serves the model is
+`route_model`, decided once, what the body says is `gateway.protocol` (parsed for that
+route), a job's life is `llmjobs.lifecycle` and what happens to it `llmjobs.follow`;
+SSE formatting is `gateway.streaming`, forwarding to a provider `gateway.proxy`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from rest_framework.views import APIView
 
-from apikeys.authentication import parse_with_key_errors_first, presented_key
+from apikeys.authentication import key_errors_first
 from djangollmapi.errors import ApiError
-from djangollmapi.middleware import log_fields
-from gateway import protocol, proxy
-from gateway.streaming import client_gone_probe, sse_response, stream_generation
-from gateway.upstream import Route, route_for
-from llmjobs import services
+from djangollmapi.middleware import log_fields, note_job
+from djangollmapi.routes import LocalRoute, Route, UpstreamRoute, route_model, unknown_model
+from gateway import proxy
+from gateway.protocol import forwarded, requests, responses
+from gateway.streaming import client_gone_probe, generation_stream, sse_response
+from llmjobs import lifecycle
+from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 
 STARTED_AT = int(time.time())  # the `created` of every local model card
-OWNER = "djangollmapi"
 
 
 def json_response(body: dict[str, Any], job: Job | None = None) -> JsonResponse:
@@ -31,79 +34,66 @@ def json_response(body: dict[str, Any], job: Job | None = None) -> JsonResponse:
     return response
 
 
-def submit(request, parse: Callable[[Any], Any]) -> tuple[Any, Job]:
-    """Key, body, call and job, in that order of reported errors; then the database
-    connection goes back to the pool for the wait."""
-    presented = presented_key(request)
-    call = parse_with_key_errors_first(presented, parse, request.data)
-    job = services.submit_job(
-        presented,
-        call.deployment,
-        call.kind,
-        call.payload(),
-        input_text=call.input_text,
-        reserve_tokens=call.reserve_tokens,
-    )
-    services.release_db_connection()
-    log_fields(request).update(model=call.model, backend="local", request_id=str(job.id))
-    return call, job
+def max_input_chars() -> int:
+    return settings.LLM_CONFIG.server.max_input_chars
 
 
-def upstream_route(request) -> Route | None:
-    """The provider serving the body's model, if any: decided by a configured model
-    name alone, never by anything else the client sends. The key's form is checked
-    first, so a missing or malformed key is a 401 whatever the body."""
-    presented_key(request)
-    return route_for(request.data.get("model")) if isinstance(request.data, dict) else None
+def routed_call(request, kind: Job.Kind) -> tuple[Route, Any]:
+    """The route of the body's model and the body read for it; a bad key is reported
+    before a bad body or an unknown model."""
+    with key_errors_first(request.auth):
+        route = route_model(requests.model_name(request.data))
+        if isinstance(route, UpstreamRoute):
+            return route, forwarded.parse_upstream(kind, request.data, route.upstream.reserve_tokens, max_input_chars())
+        return route, requests.parse_local(kind, request.data, route, max_input_chars())
 
 
-def generation_response(request, parse: Callable[[Any], protocol.GenerationCall], kind: str) -> HttpResponse:
-    route = upstream_route(request)
-    if route is not None:
-        return proxy.forward(request, kind, route)
-    call, job = submit(request, parse)
-    timeout_s = settings.LLM_CONFIG.job_timeout_for(call.deployment)
+def submit(request, route: LocalRoute, call: Any) -> Job:
+    job = lifecycle.submit(request.auth.presented, route, call)
+    note_job(request, job)
+    return job
+
+
+def generation_response(request, kind: Job.Kind) -> HttpResponse:
+    route, call = routed_call(request, kind)
+    if isinstance(route, UpstreamRoute):
+        return proxy.forward(request, route, call)
+    job = submit(request, route, call)
     if call.stream:
-        stream = stream_generation(job, call, timeout_s, client_gone_probe(request), log_fields(request))
+        stream = generation_stream(job, call, route.timeout_s, client_gone_probe(request), log_fields(request))
         return sse_response(stream, job)
-    result = services.wait_for_output(job, timeout_s)
+    result = wait_for_output(job, route.timeout_s)
     log_fields(request).update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
-    build = protocol.chat_completion if call.kind == "chat" else protocol.text_completion
-    body = build(protocol.response_id(call.kind, job.id), int(job.created_at.timestamp()), call.model, result)
+    created = int(job.created_at.timestamp())
+    body = responses.completion(call.kind, responses.response_id(call.kind, job.id), created, route.name, result)
     return json_response(body, job)
 
 
 class ChatCompletionsView(APIView):
     """`POST /v1/chat/completions`, streamed (`stream: true`) or not."""
 
-    authentication_classes = []
-
     def post(self, request) -> HttpResponse:
-        return generation_response(request, protocol.parse_chat, "chat")
+        return generation_response(request, Job.Kind.CHAT)
 
 
 class CompletionsView(APIView):
     """`POST /v1/completions`: a raw prompt, no chat template."""
 
-    authentication_classes = []
-
     def post(self, request) -> HttpResponse:
-        return generation_response(request, protocol.parse_completion, "completion")
+        return generation_response(request, Job.Kind.COMPLETION)
 
 
 class EmbeddingsView(APIView):
     """`POST /v1/embeddings` on a deployment whose algorithm has `embed`."""
 
-    authentication_classes = []
-
     def post(self, request) -> HttpResponse:
-        route = upstream_route(request)
-        if route is not None:
-            return proxy.forward(request, "embeddings", route)
-        call, job = submit(request, protocol.parse_embeddings)
-        result = services.wait_for_output(job, settings.LLM_CONFIG.job_timeout_for(call.deployment))
+        route, call = routed_call(request, Job.Kind.EMBEDDINGS)
+        if isinstance(route, UpstreamRoute):
+            return proxy.forward(request, route, call)
+        job = submit(request, route, call)
+        result = wait_for_output(job, route.timeout_s)
         log_fields(request)["prompt_tokens"] = result["prompt_tokens"]
-        body = protocol.embedding_list(call.model, result["data"], call.encoding_format, result["prompt_tokens"])
+        body = responses.embedding_list(route.name, result["data"], call.encoding_format, result["prompt_tokens"])
         return json_response(body, job)
 
 
@@ -111,35 +101,37 @@ class TokenizeView(APIView):
     """`POST /v1/tokenize` → token ids and count; `/v1/tokenize/count` (and seed 001's
     `/extras/tokenize/count`) → the count only. The model's own tokenizer, in its worker."""
 
-    authentication_classes = []
     count_only = False
 
     def post(self, request) -> JsonResponse:
-        call, job = submit(request, protocol.parse_tokenize)
-        result = services.wait_for_output(job, settings.LLM_CONFIG.job_timeout_for(call.deployment))
-        body = {"model": call.model, "count": result["count"]}
+        with key_errors_first(request.auth):
+            route = local_route(route_model(requests.model_name(request.data)))
+            call = requests.parse_tokenize(request.data, max_input_chars())
+        job = submit(request, route, call)
+        result = wait_for_output(job, route.timeout_s)
+        body = {"model": route.name, "count": result["count"]}
         if not self.count_only:
             body["tokens"] = result["tokens"]
         return json_response(body, job)
 
 
-def model_owner(name: str) -> str | None:
-    """Who serves a model name: us (a local deployment), a provider, or nobody."""
-    config = settings.LLM_CONFIG
-    if config.deployment(name):
-        return OWNER
-    found = config.upstream_for(name)
-    return found[0].name if found else None
+def local_route(route: Route) -> LocalRoute:
+    """For what only local models offer (tokenize)."""
+    if not isinstance(route, LocalRoute):
+        message = f"The model {route.name!r} is served upstream; this needs a local model."
+        raise ApiError(400, "unsupported_operation", message, param="model")
+    return route
 
 
 class ModelsView(APIView):
     """`GET /v1/models`: local deployments and upstream models this key may use."""
 
     def get(self, request) -> JsonResponse:
+        api_key = request.auth.key()
         cards = [
-            protocol.model_card(name, STARTED_AT, model_owner(name))
+            responses.model_card(name, STARTED_AT, route_model(name).owner)
             for name in settings.LLM_CONFIG.model_names
-            if request.auth.may_use(name)
+            if api_key.may_use(name)
         ]
         return JsonResponse({"object": "list", "data": cards})
 
@@ -148,7 +140,8 @@ class ModelDetailView(APIView):
     """`GET /v1/models/{id}`; a model the key may not use reads as unknown."""
 
     def get(self, request, model_id: str) -> JsonResponse:
-        owner = model_owner(model_id)
-        if owner is None or not request.auth.may_use(model_id):
-            raise ApiError(404, "model_not_found", f"The model {model_id!r} does not exist.", param="model")
-        return JsonResponse(protocol.model_card(model_id, STARTED_AT, owner))
+        api_key = request.auth.key()
+        route = route_model(model_id)
+        if not api_key.may_use(model_id):
+            raise unknown_model(model_id)
+        return JsonResponse(responses.model_card(model_id, STARTED_AT, route.owner))

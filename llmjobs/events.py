@@ -1,6 +1,8 @@
-"""Each job's events live in one Redis stream, `dla:job:<id>`: the worker appends
-(`done` with the output, or `error`), the web process that waits reads. This is the
-only result channel; Celery has no result backend here.
+"""The Redis transport of jobs, and nothing else: each job's events in one stream,
+`dla:job:<id>` (the worker appends `token`s, then `done` with the output or `error`;
+a follower reads), its cancel flag, and each device queue's worker heartbeat. This is
+the only result channel; Celery has no result backend here. What the events mean to a
+client is `llmjobs.follow`.
 """
 
 from __future__ import annotations
@@ -8,16 +10,17 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 from django.conf import settings
 
+from llmjobs.routing import device_queue_name
+
 STREAM_TTL_S = 3600
 CANCEL_TTL_S = 3600
 TERMINAL_EVENTS = ("done", "error")
-READ_SLICE_MS = 5000
+MAX_BLOCK_MS = 5000
 
 
 @functools.cache
@@ -26,7 +29,7 @@ def redis_client() -> redis.Redis:
     return redis.Redis.from_url(
         settings.REDIS_URL,
         socket_connect_timeout=2,
-        socket_timeout=(READ_SLICE_MS / 1000) + 5,
+        socket_timeout=(MAX_BLOCK_MS / 1000) + 5,
         health_check_interval=30,
         decode_responses=True,
     )
@@ -66,78 +69,24 @@ def publish_token(job_id: str, text: str | None, first: bool = False) -> bool:
     return bool(pipe.execute()[-1])
 
 
+def decoded(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """One stream entry as (event, data)."""
+    return fields.get("event", ""), json.loads(fields.get("data", "{}"))
+
+
 def read_events(job_id: str, after: str, block_ms: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """Events after id `after` as (id, event, data), waiting up to `block_ms` for the
-    first one; [] when none came."""
-    reply = redis_client().xread({stream_key(job_id): after}, block=max(1, block_ms))
-    return [
-        (entry_id, fields.get("event", ""), json.loads(fields.get("data", "{}")))
-        for _stream, entries in reply or ()
-        for entry_id, fields in entries
-    ]
+    """Events after entry id `after` as (id, event, data), waiting up to `block_ms`
+    (at most MAX_BLOCK_MS) for the first one; [] when none came."""
+    reply = redis_client().xread({stream_key(job_id): after}, block=max(1, min(block_ms, MAX_BLOCK_MS)))
+    return [(entry_id, *decoded(fields)) for _stream, entries in reply or () for entry_id, fields in entries]
 
 
-FOLLOW_SLICE_MS = 1000
-
-
-def follow(
-    job_id: str, timeout_s: float, client_gone: Callable[[], bool], idle_s: float = 15.0
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A job's events as they come, for a streaming response: ("token", {"text"}) with
-    every token that arrived together merged into one, then the terminal ("done" |
-    "error", data). ("idle", {}) after `idle_s` without events, so the caller can send
-    a keep-alive; ("gone", {}) when the client has disconnected; ("timeout", {}) at
-    the deadline. Reads in short slices so a disconnect is seen even while queued."""
-    deadline = time.monotonic() + timeout_s
-    last_id, quiet_since = "0-0", time.monotonic()
-    while (remaining := deadline - time.monotonic()) > 0:
-        if client_gone():
-            yield "gone", {}
-            return
-        entries = read_events(job_id, last_id, min(int(remaining * 1000), FOLLOW_SLICE_MS))
-        if not entries:
-            if time.monotonic() - quiet_since >= idle_s:
-                quiet_since = time.monotonic()
-                yield "idle", {}
-            continue
-        quiet_since = time.monotonic()
-        last_id = entries[-1][0]
-        pieces = []
-        for _entry_id, event, data in entries:
-            if event == "token":
-                pieces.append(data.get("text", ""))
-            elif event in TERMINAL_EVENTS:
-                if pieces:
-                    yield "token", {"text": "".join(pieces)}
-                yield event, data
-                return
-        if pieces:
-            yield "token", {"text": "".join(pieces)}
-    yield "timeout", {}
-
-
-def wait_for_terminal_event(job_id: str, timeout_s: float) -> dict[str, Any] | None:
-    """Block until the job's `done` or `error` event, or None after `timeout_s`.
-    Reads in slices so a dead connection surfaces instead of blocking forever."""
-    deadline = time.monotonic() + timeout_s
-    last_id = "0-0"
-    client = redis_client()
-    while (remaining := deadline - time.monotonic()) > 0:
-        block_ms = max(1, min(int(remaining * 1000), READ_SLICE_MS))
-        reply = client.xread({stream_key(job_id): last_id}, block=block_ms)
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                last_id = entry_id
-                if fields.get("event") in TERMINAL_EVENTS:
-                    return {"event": fields["event"], **json.loads(fields.get("data", "{}"))}
-    return None
-
-
-def terminal_event(job_id: str) -> dict[str, Any] | None:
-    """The job's terminal event if it has one already (no waiting)."""
+def terminal_event(job_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The job's terminal (event, data) if it has one already (no waiting)."""
     for _entry_id, fields in reversed(redis_client().xrange(stream_key(job_id))):
-        if fields.get("event") in TERMINAL_EVENTS:
-            return {"event": fields["event"], **json.loads(fields.get("data", "{}"))}
+        event, data = decoded(fields)
+        if event in TERMINAL_EVENTS:
+            return event, data
     return None
 
 
@@ -157,6 +106,11 @@ def queue_state(queue: str) -> tuple[bool, int]:
     pipe.llen(queue)
     alive, depth = pipe.execute()
     return bool(alive), int(depth)
+
+
+def worker_alive(device: str) -> bool:
+    """Whether a worker serves the device's queue now (its heartbeat is fresh)."""
+    return queue_state(device_queue_name(device))[0]
 
 
 def beat(queue: str, ttl_s: float) -> None:

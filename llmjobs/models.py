@@ -16,6 +16,16 @@ class Job(models.Model):
         FAILED = "failed"
         CANCELLED = "cancelled"
 
+    class Kind(models.TextChoices):
+        """What the job asks of the model: which endpoint made it, and which method of
+        the algorithm runs it (llmjobs.runtime)."""
+
+        RUN = "run"  # POST /api/: Algorithm.run
+        CHAT = "chat"  # /v1/chat/completions
+        COMPLETION = "completion"  # /v1/completions
+        EMBEDDINGS = "embeddings"  # /v1/embeddings
+        TOKENIZE = "tokenize"  # /v1/tokenize and the count endpoints
+
     ACTIVE = (Status.QUEUED, Status.RUNNING)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -23,7 +33,7 @@ class Job(models.Model):
     model = models.CharField(max_length=100)
     backend = models.CharField(max_length=20, default="local")
     queue = models.CharField(max_length=100, blank=True)
-    kind = models.CharField(max_length=20, default="run")
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.RUN)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     input_text = models.TextField(blank=True)
     output = models.JSONField(null=True, blank=True)

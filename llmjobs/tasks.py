@@ -10,7 +10,7 @@ from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import shared_task
 from celery.signals import task_failure, worker_process_init, worker_process_shutdown
 
-from llmjobs import events, runtime
+from llmjobs import events, lifecycle, runtime
 from llmjobs.routing import device_queue_name
 
 
@@ -42,10 +42,10 @@ def on_worker_process_shutdown(**kwargs) -> None:
 @task_failure.connect
 def on_task_failure(sender=None, task_id=None, exception=None, **kwargs) -> None:
     """In the worker's parent: the child running a job overran the hard time limit or
-    died. The job cannot record that itself, so it is failed and refunded here."""
+    died. The job cannot record that itself, so the lifecycle fails and refunds it here."""
     if task_id is None or sender is None or sender.name != run_job.name:
         return
     if isinstance(exception, TimeLimitExceeded):
-        runtime.fail_and_notify(task_id, "job_time_limit", runtime.TIME_LIMIT_MESSAGE)
+        lifecycle.fail_in_worker(task_id, "job_time_limit", runtime.TIME_LIMIT_MESSAGE)
     elif isinstance(exception, WorkerLostError):
-        runtime.fail_and_notify(task_id, "worker_lost", runtime.WORKER_LOST_MESSAGE)
+        lifecycle.fail_in_worker(task_id, "worker_lost", runtime.WORKER_LOST_MESSAGE)

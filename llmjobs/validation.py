@@ -1,49 +1,54 @@
-"""Request bodies for the seed-compatible `/api/` endpoints, checked without the
-database so a bad body costs no query and no call."""
+"""The seed-compatible `/api/` body, `{"text": ..., "model": ...}`, typed (pydantic,
+strict) and checked without the database, so a bad body costs no query and no call.
+Pure: the size limit arrives as an argument."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from django.conf import settings
+from pydantic import ValidationInfo, field_validator
 
-from djangollmapi.config import Deployment
-from djangollmapi.errors import ApiError
-from llmjobs.routing import resolve_deployment
+from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, wire_error
+from llmjobs.models import Job
+
+# pydantic's error types (and the shared text check), as `/api/` has always named them.
+MESSAGES = {
+    "missing:text": ("missing_text", "The field 'text' is required."),
+    "string_type:text": ("invalid_text", "The field 'text' must be a string."),
+    "unstorable_text:text": ("invalid_text", "The field 'text' must be valid Unicode without NUL characters."),
+    "string_type:model": ("invalid_model", "The field 'model' must be a string."),
+}
+
+
+class RunBody(WireModel):
+    text: StorableStr
+    model: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def within_the_size_limit(cls, text: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_input_chars")
+        if limit is not None and len(text) > limit:
+            raise wire_error("text_too_long", f"The field '{PARAM}' is longer than {limit} characters.")
+        return text
 
 
 class RunRequest(NamedTuple):
+    """A checked `/api/` call, in the shape the job lifecycle takes."""
+
     text: str
-    deployment: Deployment
+    model: str | None
+    kind = Job.Kind.RUN
+    reserve_tokens = 0  # charged what it used, when settled
+
+    @property
+    def input_text(self) -> str:
+        return self.text
+
+    def payload(self) -> str:
+        return self.text
 
 
-def parse_run_request(data: Any) -> RunRequest:
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_body", "The body must be a JSON object.")
-    text = data.get("text")
-    if text is None:
-        raise ApiError(400, "missing_text", "The field 'text' is required.", param="text")
-    if not isinstance(text, str):
-        raise ApiError(400, "invalid_text", "The field 'text' must be a string.", param="text")
-    if not storable_text(text):
-        raise ApiError(
-            400, "invalid_text", "The field 'text' must be valid Unicode without NUL characters.", param="text"
-        )
-    limit = settings.LLM_CONFIG.server.max_input_chars
-    if len(text) > limit:
-        raise ApiError(400, "text_too_long", f"The field 'text' is longer than {limit} characters.", param="text")
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "invalid_model", "The field 'model' must be a string.", param="model")
-    return RunRequest(text, resolve_deployment(model))
-
-
-def storable_text(text: str) -> bool:
-    """NUL and lone surrogates are valid in JSON strings but in no database column."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def parse_run_request(data: Any, max_input_chars: int) -> RunRequest:
+    body = parse_body(RunBody, data, MESSAGES, max_input_chars=max_input_chars)
+    return RunRequest(body.text, body.model)

@@ -1,5 +1,7 @@
 """Seed-compatible endpoints: `POST /api/` (and `/analyze/`), async jobs, usage.
-Views only translate HTTP; services do the work."""
+Views only translate HTTP: the caller is `request.auth` (apikeys.authentication), the
+model is routed once (djangollmapi.routes), the job's life is llmjobs.lifecycle and
+the wait llmjobs.follow."""
 
 from __future__ import annotations
 
@@ -8,42 +10,41 @@ from django.http import JsonResponse
 from django.urls import reverse
 from rest_framework.views import APIView
 
-from apikeys.authentication import parse_with_key_errors_first, presented_key
-from djangollmapi.middleware import log_fields
-from llmjobs import selectors, services
+from apikeys.authentication import key_errors_first
+from djangollmapi.middleware import note_job
+from djangollmapi.routes import LocalRoute, route_local_model
+from llmjobs import lifecycle, selectors
+from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
-from llmjobs.validation import RunRequest, parse_run_request
+from llmjobs.validation import parse_run_request
 
 
-def submit_run(request) -> tuple[Job, RunRequest]:
-    """Check key and body, take one call, record and enqueue the job. Key errors win
-    over body errors, as a client would expect, at the cost of one read on bad bodies."""
-    presented = presented_key(request)
-    run = parse_with_key_errors_first(presented, parse_run_request, request.data)
-    job = services.submit_job(presented, run.deployment, "run", run.text, input_text=run.text)
-    log_fields(request).update(model=job.model, backend="local", request_id=str(job.id))
-    return job, run
+def submit_run(request) -> tuple[Job, LocalRoute]:
+    """Body, route, call and job, in that order of reported errors (a bad key is
+    reported before a bad body)."""
+    config = settings.LLM_CONFIG
+    with key_errors_first(request.auth):
+        run = parse_run_request(request.data, config.server.max_input_chars)
+        route = route_local_model(run.model or config.server.default_model)
+    job = lifecycle.submit(request.auth.presented, route, run)
+    note_job(request, job)
+    return job, route
 
 
 class RunView(APIView):
     """`POST /api/ {"text": ...}` → `{"message": ..., "job_id": ..., "model": ...}`."""
 
-    authentication_classes = []
-
     def post(self, request) -> JsonResponse:
-        job, run = submit_run(request)
-        services.release_db_connection()
-        output = services.wait_for_output(job, settings.LLM_CONFIG.job_timeout_for(run.deployment))
+        job, route = submit_run(request)
+        output = wait_for_output(job, route.timeout_s)
         return JsonResponse({"message": output, "job_id": str(job.id), "model": job.model})
 
 
 class JobCreateView(APIView):
     """`POST /api/jobs/` → 202 and a Location to poll."""
 
-    authentication_classes = []
-
     def post(self, request) -> JsonResponse:
-        job, _run = submit_run(request)
+        job, _route = submit_run(request)
         location = reverse("job-detail", args=[job.id])
         response = JsonResponse({"job_id": str(job.id), "status": job.status, "model": job.model}, status=202)
         response["Location"] = request.build_absolute_uri(location)
@@ -54,7 +55,7 @@ class JobDetailView(APIView):
     """`GET /api/jobs/<id>/`: status, queue position, result or error."""
 
     def get(self, request, job_id) -> JsonResponse:
-        job = selectors.job_for_key(job_id, request.auth.id)
+        job = selectors.job_for_key(job_id, request.auth.key().id)
         return JsonResponse(job_body(job))
 
 
@@ -80,7 +81,7 @@ class UsageView(APIView):
     """`GET /api/usage/`: the calling key's calls and characters per day, quota, window."""
 
     def get(self, request) -> JsonResponse:
-        api_key = request.auth
+        api_key = request.auth.key()
         return JsonResponse(
             {
                 "key": {

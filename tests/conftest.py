@@ -6,10 +6,10 @@ subprocesses pointed at the test database; tests talk to them with `requests`.
 
 from __future__ import annotations
 
+import json as jsonlib
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +19,12 @@ import redis
 import requests
 from django.conf import settings
 from django.db import connection
+from django.test import Client
 
 from apikeys.models import ApiKey
 from djangollmapi import processes
-from llmjobs.routing import device_queue_name
+from llmjobs import events
+from tests.helpers import wait_until
 
 LIVE_DEVICES = ("cpu", "cpu:1", "cpu:3")
 READY_TIMEOUT_S = 120
@@ -84,32 +86,31 @@ def start_worker(device: str) -> subprocess.Popen:
 
 
 def start_web(port: int, **env: str) -> subprocess.Popen:
-    argv = processes.gunicorn_argv(f"127.0.0.1:{port}", workers=2, threads=32)
+    shape = {"host": "127.0.0.1", "port": port, "web_workers": 2, "web_threads": 32}
+    argv = processes.gunicorn_argv(settings.LLM_CONFIG.server.model_copy(update=shape))
     return processes.spawn(argv, child_env(**env), logs_dir() / f"web-{port}.log")
 
 
 def wait_for_heartbeat(client: redis.Redis, device: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not client.exists(f"dla:worker:{device_queue_name(device)}"):
+    def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"worker for {device} exited; see {logs_dir()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"worker for {device} not ready after {READY_TIMEOUT_S} s")
-        time.sleep(0.1)
+        return events.worker_alive(device)
+
+    wait_until(ready, READY_TIMEOUT_S, f"the worker for {device} to be ready")
 
 
 def wait_for_http(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
+    def answers() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"web server exited; see {logs_dir()}")
         try:
             requests.get(url, timeout=2)
-            return
         except (requests.ConnectionError, requests.Timeout):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(answers, READY_TIMEOUT_S, f"{url} to answer")
 
 
 @dataclass
@@ -148,6 +149,38 @@ def live(django_db_setup, django_db_blocker, redis_server, tiny_gpt2_path) -> It
     finally:
         for process in [web, *workers.values()]:
             processes.stop(process)
+
+
+@dataclass
+class InProcess:
+    """The API in this process: Django's test client through every middleware and
+    view, with the real database and Redis. For what is decided before a job reaches a
+    worker (authentication, bodies, routing, admission), with the same calls as `Live`."""
+
+    client: Client
+
+    def post(self, path: str, key: str | None = None, *, json=None, data=None, headers=None):
+        extra = self.meta(key, headers)
+        content_type = extra.pop("HTTP_CONTENT_TYPE", "application/json")
+        body = jsonlib.dumps(json) if json is not None else (data if data is not None else b"")
+        body = body.encode() if isinstance(body, str) else body
+        # generic(): sends the bytes as they are, whatever charset the content type names.
+        return self.client.generic("POST", path, data=body, content_type=content_type, **extra)
+
+    def get(self, path: str, key: str | None = None, *, headers=None):
+        return self.client.get(path, **self.meta(key, headers))
+
+    @staticmethod
+    def meta(key: str | None, headers: dict | None) -> dict[str, str]:
+        extra = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in (headers or {}).items()}
+        if key is not None:
+            extra["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+        return extra
+
+
+@pytest.fixture
+def api(transactional_db, redis_server) -> InProcess:
+    return InProcess(Client())
 
 
 @pytest.fixture(scope="session")

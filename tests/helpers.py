@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 from apikeys.models import ApiKey
+
+T = TypeVar("T")
 
 
 def key_row(plaintext: str) -> ApiKey:
@@ -16,3 +22,16 @@ def error_of(response) -> dict:
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type", "code", "param"}, body
     return body["error"]
+
+
+def wait_until(check: Callable[[], T], timeout_s: float = 20, what: str = "the condition") -> T:
+    """Poll `check` until it returns something truthy, and return that; fail the test
+    after `timeout_s`. The one way tests wait for another process to act."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s:g} s (last: {value!r})")
+        time.sleep(0.02)

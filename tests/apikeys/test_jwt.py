@@ -7,7 +7,6 @@ with its TEST-ONLY private key. Other key sets are built in the test, in-process
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import hmac
 import http.server
@@ -28,7 +27,7 @@ from django.utils import timezone
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from apikeys import jwt_auth
-from apikeys.authentication import presented_key
+from apikeys.authentication import caller_for
 from apikeys.keys import PresentedKey
 from apikeys.models import ApiKey
 from djangollmapi.config import JwtConfig
@@ -384,9 +383,9 @@ def test_jwks_url_is_fetched_and_an_unreachable_one_is_a_503():
 
 
 def test_a_token_without_jwt_configured_is_an_invalid_key(settings):
-    settings.LLM_CONFIG = dataclasses.replace(settings.LLM_CONFIG, jwt=None)
+    settings.LLM_CONFIG = settings.LLM_CONFIG.model_copy(update={"jwt": None})
     request = RequestFactory().post("/api/", HTTP_AUTHORIZATION=f"Bearer {make_token()}")
-    error = api_error(lambda: presented_key(request))
+    error = api_error(lambda: caller_for(request))
     assert (error.status, error.code) == (401, "invalid_api_key")
 
 

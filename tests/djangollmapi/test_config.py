@@ -154,6 +154,17 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
             "jwt.algorithms",
             "asymmetric",
         ),
+        ("server = 3\n", "server", "must be a table, got int"),
+        ("deployments = [1]\n", "deployments[0]", "must be a table"),
+        (
+            "[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\noptions = { model_path = '' }\n",
+            "deployments[0].options.model_path",
+            "non-empty string",
+        ),
+        ("[server]\nallowed_hosts = [1]\n", "server.allowed_hosts[0]", "must be a string, got int"),
+        ("[cors]\nmax_age_s = -1\n", "cors.max_age_s", "0 or more"),
+        (UPSTREAM + "models = ['m']\nheaders = { X-A = 1 }\n", "upstreams[0].headers.X-A", "one-line string"),
+        (UPSTREAM + "models = ['m']\nprices = { m = { in = 1 } }\n", "upstreams[0].prices.m.in", "unknown key"),
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
@@ -220,3 +231,16 @@ def test_broken_config_stops_manage_py_with_the_reason(clean_env, tmp_path):
     assert result.returncode != 0
     assert f"djangollmapi: configuration error: {path}: server.port: must be an integer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_what_is_derived_from_the_config_is_computed_on_it(clean_env, tmp_path):
+    path = write(tmp_path, "[server]\nhost = '::1'\nport = 9000\nweb_threads = 700\n[worker]\ntime_limit_s = 100\n")
+    config = load_config(path)
+    assert (config.server.bind, config.server.base_url) == ("[::1]:9000", "http://[::1]:9000")
+    assert config.server.worker_connections == 1400  # above the threads: each may hold a stream
+    assert config.server.model_copy(update={"web_threads": 32}).worker_connections == 1000
+    assert (config.worker.soft_time_limit_s, config.worker.visibility_timeout_s) == (95, 400)
+    smollm2 = config.deployment("smollm2")
+    assert config.job_time_limits(smollm2) == (100, 100)  # the job timeout (120 s) capped by the hard limit
+    quick = smollm2.model_copy(update={"timeout_s": 5.0})
+    assert config.job_time_limits(quick) == (5.0, 7.0)  # the hard limit 2 s after the soft one

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 STRIPPED_ENV = ("DATABASE_URL", "REDIS_URL", "DJANGO_LLM_API_DATA_DIR", "DLA_TEST_EMBEDDED_REDIS")
@@ -103,7 +104,5 @@ def test_serve_demo_prints_a_working_curl_line_and_stops_cleanly(served):
 
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 0
-    deadline = time.monotonic() + 10
-    while processes_with_env("DJANGO_LLM_API_CONFIG", config) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not processes_with_env("DJANGO_LLM_API_CONFIG", config), 10, "every child stopping")
     assert processes_with_env("DJANGO_LLM_API_CONFIG", config) == []

@@ -1,5 +1,6 @@
 """Bad input on /v1 gets an OpenAI-shaped 4xx naming its `param`, costs no call, and
-never a 500, a hang or a traceback."""
+never a 500, a hang or a traceback. What is decided before a job reaches a worker is
+tested in-process (`api`); what a worker does, against the live stack."""
 
 from __future__ import annotations
 
@@ -50,12 +51,22 @@ CHAT = {"model": "words", "messages": [{"role": "user", "content": "hi"}]}
         ({"user": 1}, "user", "invalid_type"),
     ],
 )
-def test_chat_parameter_errors_name_the_param(live, make_key, change, param, code):
+def test_chat_parameter_errors_name_the_param(api, make_key, change, param, code):
     key = make_key(max_calls=3)
-    reply = live.post("/v1/chat/completions", key, json={**CHAT, **change})
+    reply = api.post("/v1/chat/completions", key, json={**CHAT, **change})
     assert reply.status_code == 400, reply.text
     error = error_of(reply)
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert key_row(key).calls_used == 0
+
+
+@pytest.mark.parametrize(
+    "change, param", [({"temperature": "hot"}, "temperature"), ({"messages": [{"role": "robot"}]}, "messages[0].role")]
+)
+def test_the_live_server_names_the_param_too(live, make_key, change, param):
+    key = make_key(max_calls=3)
+    reply = live.post("/v1/chat/completions", key, json={**CHAT, **change})
+    assert (reply.status_code, error_of(reply)["param"]) == (400, param)
     assert key_row(key).calls_used == 0
 
 
@@ -84,48 +95,48 @@ def test_text_content_parts_are_joined(live, key):
         ("/v1/tokenize", {"model": "tiny-gpt2"}, "input"),
     ],
 )
-def test_other_endpoints_name_the_bad_param(live, make_key, path, body, param):
+def test_other_endpoints_name_the_bad_param(api, make_key, path, body, param):
     key = make_key(max_calls=3)
-    reply = live.post(path, key, json=body)
+    reply = api.post(path, key, json=body)
     assert reply.status_code == 400, reply.text
     assert error_of(reply)["param"] == param
     assert key_row(key).calls_used == 0
 
 
-def test_input_over_the_size_limit_is_refused(live, key):
-    reply = live.post("/v1/completions", key, json={"model": "words", "prompt": "x" * 2001})
+def test_input_over_the_size_limit_is_refused(api, key):
+    reply = api.post("/v1/completions", key, json={"model": "words", "prompt": "x" * 2001})
     assert reply.status_code == 400
     assert error_of(reply)["code"] == "input_too_long"
 
 
-def test_body_that_is_not_a_json_object(live, key):
+def test_body_that_is_not_a_json_object(api, key):
     as_json = {"Content-Type": "application/json"}
-    not_json = live.post("/v1/chat/completions", key, data=b"{nope", headers=as_json)
+    not_json = api.post("/v1/chat/completions", key, data=b"{nope", headers=as_json)
     assert (not_json.status_code, error_of(not_json)["code"]) == (400, "invalid_json")
-    a_list = live.post("/v1/chat/completions", key, data=json.dumps([CHAT]), headers=as_json)
+    a_list = api.post("/v1/chat/completions", key, data=json.dumps([CHAT]), headers=as_json)
     assert (a_list.status_code, error_of(a_list)["code"]) == (400, "invalid_body")
 
 
-def test_a_bad_key_is_reported_before_a_bad_body(live):
-    reply = live.post("/v1/chat/completions", "dla_aaaaaaaaaaaa_" + "x" * 43, json={"model": 7})
+def test_a_bad_key_is_reported_before_a_bad_body(api):
+    reply = api.post("/v1/chat/completions", "dla_aaaaaaaaaaaa_" + "x" * 43, json={"model": 7})
     assert reply.status_code == 401
     assert reply.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_listing_models_needs_a_key(live):
-    reply = live.get("/v1/models")
+def test_listing_models_needs_a_key(api):
+    reply = api.get("/v1/models")
     assert reply.status_code == 401
     assert error_of(reply)["code"] == "missing_api_key"
 
 
-def test_unknown_v1_path_is_a_json_404(live, key):
-    reply = live.post("/v1/images/generations", key, json={})
+def test_unknown_v1_path_is_a_json_404(api, key):
+    reply = api.post("/v1/images/generations", key, json={})
     assert reply.status_code == 404
     assert error_of(reply)["type"] == "not_found_error"
 
 
-def test_stream_to_a_model_without_worker_fails_before_streaming(live, key):
-    reply = live.post("/v1/chat/completions", key, json={**CHAT, "model": "orphan", "stream": True})
+def test_stream_to_a_model_without_worker_fails_before_streaming(api, key):
+    reply = api.post("/v1/chat/completions", key, json={**CHAT, "model": "orphan", "stream": True})
     assert reply.status_code == 503
     assert reply.headers["Content-Type"] == "application/json"
     assert error_of(reply)["code"] == "no_worker"

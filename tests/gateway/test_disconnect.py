@@ -4,7 +4,6 @@ tokens made so far are recorded and charged, and the next job starts at once."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -12,7 +11,7 @@ import requests
 from django.utils import timezone
 
 from llmjobs.models import Job
-from tests.helpers import key_row
+from tests.helpers import key_row, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,13 +47,11 @@ def job_from_chunk(chunk: dict) -> Job:
 
 
 def wait_for_status(job_id, status: str, timeout_s: float = 10) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def reached() -> Job | None:
         job = Job.objects.get(id=job_id)
-        if job.status == status and (job.tokens_settled or status != Job.Status.CANCELLED):
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} is {Job.objects.get(id=job_id).status}, not {status}")
+        return job if job.status == status and (job.tokens_settled or status != Job.Status.CANCELLED) else None
+
+    return wait_until(reached, timeout_s, f"job {job_id} {status}")
 
 
 def test_closing_a_stream_cancels_its_job_and_frees_the_device(live, make_key):

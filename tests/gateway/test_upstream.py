@@ -15,7 +15,7 @@ from django.utils import timezone
 from djangollmapi import processes
 from llmjobs.models import Job
 from tests.conftest import PROVIDER_SECRET, start_web, wait_for_http
-from tests.helpers import error_of, key_row
+from tests.helpers import error_of, key_row, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -258,9 +258,7 @@ def test_each_call_writes_one_log_line_without_the_prompt(gateway, provider_key,
     messages = [{"role": "user", "content": secret_words}]
     reply = post(gateway, key, "/v1/chat/completions", {**CHAT, "messages": messages})
     request_id = reply.headers["X-Request-Id"]
-    deadline = time.monotonic() + 5
-    while request_id not in gateway.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: request_id in gateway.log.read_text(), 5, "the request's log line")
     lines = [line for line in gateway.log.read_text().splitlines() if request_id in line]
     assert len(lines) == 1
     entry = json.loads(lines[0][lines[0].index("{") :])

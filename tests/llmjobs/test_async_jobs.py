@@ -1,22 +1,18 @@
 """`POST /api/jobs/` → 202 + Location; the job is readable only by its own key."""
 
-import time
-
 import pytest
 
-from tests.helpers import error_of
+from tests.helpers import error_of, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def poll(live, key, location, until=("succeeded", "failed"), timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended():
         body = live.get(location.removeprefix(live.url), key).json()
-        if body["status"] in until:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"job still {body['status']}")
+        return body if body["status"] in until else None
+
+    return wait_until(ended, timeout_s, f"job at {location} ending")
 
 
 def test_async_job_runs_and_reports_its_result(live, key):

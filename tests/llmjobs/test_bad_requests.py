@@ -1,4 +1,5 @@
-"""Every malformed request gets a clear 4xx in the OpenAI shape and costs no call."""
+"""Every malformed request gets a clear 4xx in the OpenAI shape and costs no call.
+What is decided before a job is queued is tested in-process (`api`)."""
 
 import pytest
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
         (["text"], "invalid_body", None),
     ],
 )
-def test_invalid_body_is_400(live, key, body, code, param):
-    response = live.post("/api/", key, json=body)
+def test_invalid_body_is_400(api, key, body, code, param):
+    response = api.post("/api/", key, json=body)
     assert response.status_code == 400
     error = error_of(response)
     assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
@@ -35,31 +36,31 @@ def test_invalid_body_is_400(live, key, body, code, param):
         (b'{"text": "\xff\xfe"}', "application/json"),
     ],
 )
-def test_unreadable_bodies_are_400(live, key, body, content_type):
-    response = live.post("/api/", key, data=body, headers={"Content-Type": content_type})
+def test_unreadable_bodies_are_400(api, key, body, content_type):
+    response = api.post("/api/", key, data=body, headers={"Content-Type": content_type})
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "invalid_json"
     assert key_row(key).calls_used == 0
 
 
 @pytest.mark.parametrize("raw_text", ["a\\u0000b", "a\\ud800b"])
-def test_text_no_database_can_store_is_400(live, key, raw_text):
+def test_text_no_database_can_store_is_400(api, key, raw_text):
     body = '{"text": "' + raw_text + '", "model": "echo"}'
-    response = live.post("/api/", key, data=body, headers={"Content-Type": "application/json"})
+    response = api.post("/api/", key, data=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "invalid_text"
     assert key_row(key).calls_used == 0
 
 
-def test_non_json_is_400(live, key):
-    response = live.post("/api/", key, data="text=hello", headers={"Content-Type": "application/json"})
+def test_non_json_is_400(api, key):
+    response = api.post("/api/", key, data="text=hello", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_json"
     assert key_row(key).calls_used == 0
 
 
-def test_body_over_limit_is_413(live, key):
-    response = live.post("/api/", key, json={"text": "x" * 70_000})
+def test_body_over_limit_is_413(api, key):
+    response = api.post("/api/", key, json={"text": "x" * 70_000})
     assert response.status_code == 413
     assert error_of(response)["code"] == "request_too_large"
     assert key_row(key).calls_used == 0
@@ -73,16 +74,16 @@ def test_chunked_body_is_411(live, key):
     assert key_row(key).calls_used == 0
 
 
-def test_unknown_model_is_404(live, key):
-    response = live.post("/api/", key, json={"text": "hi", "model": "gpt-9"})
+def test_unknown_model_is_404(api, key):
+    response = api.post("/api/", key, json={"text": "hi", "model": "gpt-9"})
     assert response.status_code == 404
     error = error_of(response)
     assert (error["code"], error["param"]) == ("model_not_found", "model")
     assert key_row(key).calls_used == 0
 
 
-def test_key_errors_win_over_body_errors(live):
-    response = live.post("/api/", "dla_aaaaaaaaaaaa_" + "b" * 43, json={"nope": 1})
+def test_key_errors_win_over_body_errors(api):
+    response = api.post("/api/", "dla_aaaaaaaaaaaa_" + "b" * 43, json={"nope": 1})
     assert response.status_code == 401
 
 
@@ -95,19 +96,19 @@ def test_model_outside_the_keys_list_is_403_and_free(live, make_key):
     assert key_row(key).calls_used == 1
 
 
-def test_get_on_a_post_endpoint_is_405_json(live, key):
-    response = live.get("/api/", key)
+def test_get_on_a_post_endpoint_is_405_json(api, key):
+    response = api.get("/api/", key)
     assert response.status_code == 405
     assert error_of(response)["code"] == "method_not_allowed"
 
 
-def test_unknown_path_is_404_json(live):
-    response = live.get("/api/nothing-here/")
+def test_unknown_path_is_404_json(api):
+    response = api.get("/api/nothing-here/")
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
 
 
-def test_disallowed_host_is_400_json(live, key):
-    response = live.post("/api/", key, json={"text": "hi"}, headers={"Host": "evil.example"})
+def test_disallowed_host_is_400_json(api, key):
+    response = api.post("/api/", key, json={"text": "hi"}, headers={"Host": "evil.example"})
     assert response.status_code == 400
     assert error_of(response)["code"] == "bad_request"

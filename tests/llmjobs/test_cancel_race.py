@@ -3,28 +3,43 @@ worker's last emit and its final write. It keeps its tokens and is charged exact
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from apikeys.models import ApiKey
-from llmjobs import runtime, services
+from llmjobs import lifecycle
 from llmjobs.models import Job
+from llmjobs.routing import device_queue_name
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@dataclass
+class ChatRequest:
+    """A checked chat request, as a view hands it to the lifecycle."""
+
+    reserve_tokens: int
+    kind: str = Job.Kind.CHAT
+    input_text: str = "a b c"
+
+    def payload(self) -> dict:
+        return {}
+
+
 def running_job(reserve: int) -> Job:
     api_key, _ = ApiKey.objects.issue(name="race", max_tokens_total=100)
-    ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserve)  # what the consume reserved
-    job = services.create_job(api_key.id, "words", "a b c", "chat", reserve, queue="dla.device.cpu")
-    assert services.mark_running(str(job.id), "worker@test")
+    ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserve)  # what the admission reserved
+    job = lifecycle.create_job(api_key.id, "words", ChatRequest(reserve), queue=device_queue_name("cpu"))
+    assert lifecycle.start(str(job.id), "worker@test")
     return job
 
 
 def test_a_job_cancelled_after_its_last_token_is_charged_what_it_made(redis_server):
     job = running_job(reserve=10)
-    assert services.cancel_job(job.id)  # the stream closed: running -> cancelled
+    assert lifecycle.cancel(job.id)  # the stream closed: running -> cancelled
     result = {"text": "a b c", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 3}
-    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 3, 3))
+    lifecycle.complete(str(job.id), lifecycle.Outcome(result, result, 3, 3))
 
     job.refresh_from_db()
     assert (job.status, job.prompt_tokens, job.completion_tokens, job.tokens_settled) == (
@@ -39,8 +54,8 @@ def test_a_job_cancelled_after_its_last_token_is_charged_what_it_made(redis_serv
 def test_a_finished_job_is_charged_once(redis_server):
     job = running_job(reserve=10)
     result = {"text": "a", "finish_reason": "stop", "prompt_tokens": 2, "completion_tokens": 1}
-    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 2, 1))
-    runtime.record_outcome(str(job.id), runtime.Outcome(result, result, 2, 1))  # a redelivery
+    lifecycle.complete(str(job.id), lifecycle.Outcome(result, result, 2, 1))
+    lifecycle.complete(str(job.id), lifecycle.Outcome(result, result, 2, 1))  # a redelivery
 
     job.refresh_from_db()
     assert (job.status, job.tokens_settled) == (Job.Status.SUCCEEDED, True)

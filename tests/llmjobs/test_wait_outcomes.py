@@ -2,12 +2,12 @@
 with what was recorded, and a client is never charged for an error."""
 
 import pytest
-from django.conf import settings
 from django.utils import timezone
 
 from apikeys.models import ApiKey
 from djangollmapi.errors import ApiError
-from llmjobs import events, services
+from llmjobs import events, lifecycle
+from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from tests.conftest import free_port
 
@@ -24,9 +24,9 @@ def charged_job():
 
 def test_timeout_after_the_job_succeeded_answers_the_result(redis_server, charged_job):
     api_key, job = charged_job
-    services.finish_job(job.id, "done already")
+    lifecycle.finish(job.id, "done already")
 
-    assert services.wait_for_output(job, timeout_s=0.05) == "done already"
+    assert wait_for_output(job, timeout_s=0.05) == "done already"
     api_key.refresh_from_db()
     job.refresh_from_db()
     assert (job.status, job.refunded, api_key.calls_used) == (Job.Status.SUCCEEDED, False, 1)
@@ -35,7 +35,7 @@ def test_timeout_after_the_job_succeeded_answers_the_result(redis_server, charge
 def test_timeout_of_a_running_job_is_504_and_refunded(redis_server, charged_job):
     api_key, job = charged_job
     with pytest.raises(ApiError) as caught:
-        services.wait_for_output(job, timeout_s=0.05)
+        wait_for_output(job, timeout_s=0.05)
     assert (caught.value.status, caught.value.code) == (504, "job_timeout")
     api_key.refresh_from_db()
     assert api_key.calls_used == 0
@@ -52,9 +52,8 @@ def dead_redis(settings):
 def test_redis_failing_during_the_wait_is_503_and_refunded(charged_job, dead_redis):
     api_key, job = charged_job
     with pytest.raises(ApiError) as caught:
-        services.wait_for_output(job, timeout_s=5)
+        wait_for_output(job, timeout_s=5)
     assert (caught.value.status, caught.value.code) == (503, "broker_unavailable")
     job.refresh_from_db()
     api_key.refresh_from_db()
     assert (job.status, job.refunded, api_key.calls_used) == (Job.Status.FAILED, True, 0)
-    assert settings.REDIS_URL.startswith("redis://127.0.0.1:")

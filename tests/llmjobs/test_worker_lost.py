@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmjobs.models import Job
-from tests.helpers import key_row
+from tests.helpers import key_row, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,38 +27,29 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
-def wait_for(predicate, timeout_s=20):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_killed_pool_process_fails_and_refunds_its_job(live, key):
     response = live.post("/api/jobs/", key, json={"text": "x", "model": "long-job"})
     job_id = response.json()["job_id"]
-    wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.RUNNING).exists())
+    wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.RUNNING).exists())
     (pool_process,) = child_pids(live.workers["cpu:3"].pid)
 
     os.kill(pool_process, signal.SIGKILL)
 
-    job = wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
+    job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert job.error_code == "worker_lost" and job.refunded
     assert key_row(key).calls_used == 0
     status = live.get(f"/api/jobs/{job_id}/", key).json()
     assert status["error"]["code"] == "worker_lost"
     # The worker replaced its pool process; the device serves the next job.
     again = live.post("/api/jobs/", key, json={"text": "y", "model": "long-job"}).json()["job_id"]
-    finished = wait_for(lambda: Job.objects.filter(id=again, status=Job.Status.SUCCEEDED).first())
+    finished = wait_until(lambda: Job.objects.filter(id=again, status=Job.Status.SUCCEEDED).first())
     assert finished.output == "y"
 
 
 def test_job_past_its_soft_time_limit_is_stopped_and_refunded(live, key):
     started = time.monotonic()
     job_id = live.post("/api/jobs/", key, json={"text": "x", "model": "sleeper"}).json()["job_id"]
-    job = wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
+    job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert time.monotonic() - started < 2.4  # sleeper would run 2.5 s; its limit is 1 s
     assert (job.error_code, job.refunded) == ("job_time_limit", True)
     assert key_row(key).calls_used == 0
@@ -66,11 +57,11 @@ def test_job_past_its_soft_time_limit_is_stopped_and_refunded(live, key):
 
 def test_job_ignoring_its_soft_limit_is_killed_at_the_hard_limit(live, key):
     job_id = live.post("/api/jobs/", key, json={"text": "x", "model": "stubborn"}).json()["job_id"]
-    job = wait_for(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
+    job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert (job.error_code, job.refunded) == ("job_time_limit", True)
     assert key_row(key).calls_used == 0
     # The killed pool process is replaced and the device serves again.
     again = live.post("/api/", key, json={"text": "z", "model": "sleeper"})
     assert again.status_code == 504  # sleeper itself still outlives its 1 s timeout
     follow = live.post("/api/jobs/", key, json={"text": "ok", "model": "long-job"}).json()["job_id"]
-    assert wait_for(lambda: Job.objects.filter(id=follow, status=Job.Status.SUCCEEDED).first()).output == "ok"
+    assert wait_until(lambda: Job.objects.filter(id=follow, status=Job.Status.SUCCEEDED).first()).output == "ok"

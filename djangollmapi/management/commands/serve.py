@@ -22,8 +22,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apikeys.models import ApiKey
 from djangollmapi import processes
+from djangollmapi.config import ServerConfig
 from llmjobs import events
-from llmjobs.routing import device_queue_name
 
 READY_TIMEOUT_S = 300
 
@@ -46,20 +46,21 @@ class Command(BaseCommand):
         parser.add_argument("--demo", action="store_true", help="create an admin user and a demo key, print them")
 
     def handle(self, *args, host: str, port: int, demo: bool, **opts) -> None:
+        server = settings.LLM_CONFIG.server.model_copy(update={"host": host, "port": port})
         self.children: list[tuple[str, subprocess.Popen]] = []
         # Set explicitly: a shell that starts us in the background hands down SIGINT
         # ignored, and Ctrl-C, kill and a closed terminal must all stop everything.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, raise_stop)
         try:
-            self.start_everything(host, port, demo)
+            self.start_everything(server, demo)
             self.watch_children()
         except Stop:
             self.stdout.write("\nstopping ...")
         finally:
             self.stop_children()
 
-    def start_everything(self, host: str, port: int, demo: bool) -> None:
+    def start_everything(self, server: ServerConfig, demo: bool) -> None:
         config = settings.LLM_CONFIG
         logs = config.server.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -74,27 +75,25 @@ class Command(BaseCommand):
             self.children.append(
                 (f"worker {device}", processes.spawn(processes.manage_argv("runworker", device), log_path=log_path))
             )
-        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        argv = processes.gunicorn_argv(bind, config.server.web_workers, config.server.web_threads)
+        argv = processes.gunicorn_argv(server)
         self.children.append(("web", processes.spawn(argv, log_path=logs / "web.log")))
-        self.wait_until_ready(host, port)
-        base_url = f"http://{bind}"
+        self.wait_until_ready(server.base_url)
         if demo:
-            self.print_demo(base_url)
-        self.stdout.write(self.style.SUCCESS(f"serving on {base_url} (logs in {logs}); Ctrl-C stops everything"))
+            self.print_demo(server.base_url)
+        self.stdout.write(self.style.SUCCESS(f"serving on {server.base_url} (logs in {logs}); Ctrl-C stops everything"))
 
-    def wait_until_ready(self, host: str, port: int) -> None:
+    def wait_until_ready(self, base_url: str) -> None:
         """Wait for each device's worker heartbeat (its models are loaded) and the web port."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         pending = set(settings.LLM_CONFIG.devices)
         self.stdout.write("waiting for workers to load their models ...")
         while pending:
             self.check_children()
-            pending = {d for d in pending if not events.queue_state(device_queue_name(d))[0]}
+            pending = {d for d in pending if not events.worker_alive(d)}
             if time.monotonic() > deadline:
                 raise CommandError(f"workers not ready after {READY_TIMEOUT_S} s: {', '.join(sorted(pending))}")
             time.sleep(0.2)
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/api/usage/"
+        url = f"{base_url}/api/usage/"
         while True:
             self.check_children()
             try:

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 from djangollmapi.celery import app as celery_app
 from djangollmapi.config import DEVICE_PATTERN
 from llmjobs import runtime
-from llmjobs.routing import deployments_on_device, device_queue_name
+from llmjobs.routing import device_queue_name
 
 
 def worker_argv(device: str, loglevel: str) -> list[str]:
@@ -20,7 +20,7 @@ def worker_argv(device: str, loglevel: str) -> list[str]:
     Prefork keeps the model in a child process, so the parent never touches CUDA and a
     hard time limit can kill a wedged job without killing the worker."""
     queue = device_queue_name(device)
-    time_limit = settings.LLM_CONFIG.worker.time_limit_s
+    worker = settings.LLM_CONFIG.worker
     node = re.sub(r"[^A-Za-z0-9.-]", "-", queue)
     return [
         "worker",
@@ -30,8 +30,8 @@ def worker_argv(device: str, loglevel: str) -> list[str]:
         "--concurrency=1",
         "--prefetch-multiplier=1",
         "--optimization=fair",
-        f"--time-limit={time_limit:g}",
-        f"--soft-time-limit={max(time_limit - 5, time_limit * 0.9):g}",
+        f"--time-limit={worker.time_limit_s:g}",
+        f"--soft-time-limit={worker.soft_time_limit_s:g}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
@@ -57,7 +57,7 @@ class Command(BaseCommand):
     def handle(self, *args, device: str, preload: bool | None, loglevel: str, **opts) -> None:
         if not DEVICE_PATTERN.match(device):
             raise CommandError(f"{device!r} is not cpu, cpu:N, cuda:N or mps")
-        served = deployments_on_device(device)
+        served = settings.LLM_CONFIG.deployments_on(device)
         if not served:
             configured = ", ".join(settings.LLM_CONFIG.devices)
             raise CommandError(f"no deployment uses device {device!r} (configured: {configured})")

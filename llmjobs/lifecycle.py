@@ -1,0 +1,367 @@
+"""A job's lifecycle and its key's charge, in one place: the only code that creates,
+enqueues, starts, finishes, fails, cancels, refunds and settles a job, local or
+upstream alike, and the only caller of `apikeys.services.refund_call` and
+`settle_tokens`.
+
+The billing policy, all of it here:
+
+- A call is taken (its `max_tokens` reserved) in the transaction that records its
+  job: a refused call leaves neither a charge nor a row.
+- A server-side failure is refunded exactly once (the claim on `Job.refunded`); a
+  cancellation and the client's own fault (a provider's 400 / 404 / 422) are not.
+- Every job's reservation is replaced exactly once (the claim on
+  `Job.tokens_settled`) by what it used: nothing for a failure, what it made for a
+  cancellation, the provider's usage (else an estimate) for an upstream call, which
+  also costs its configured price.
+
+Every final write is conditional on the job still being active, so whoever ends a
+job first (the worker, a time limit, the waiting request) wins and nothing is
+finished twice. Following a job's events is `llmjobs.follow`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+import redis
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections, transaction
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from apikeys.keys import PresentedKey
+from apikeys.services import refund_call, settle_tokens, take_call
+from djangollmapi.celery import app as celery_app
+from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
+from djangollmapi.routes import LocalRoute, UpstreamRoute
+from llmjobs import events, rows
+from llmjobs.models import Job
+from llmjobs.routing import device_queue_name
+
+log = logging.getLogger(__name__)
+
+RUN_TASK = "llmjobs.run_job"
+CANCELLED_MESSAGE = "The job was cancelled: its client went away."
+CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
+# A provider's refusals that are about our side (its secret, its limits there), not
+# the client's request: refunded like any server-side failure.
+PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
+
+
+class JobRequest(Protocol):
+    """A checked request, as the views hand it over."""
+
+    kind: str
+    input_text: str  # what the row keeps (if payloads are stored) and counts
+    reserve_tokens: int  # taken from the key's token budget with the call
+
+    def payload(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a job that ran hands on: `result` to its follower (the `done` event),
+    `stored` to the row, and the token counts its key is charged."""
+
+    result: Any
+    stored: Any
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cancelled: bool = False
+    store_output: bool = True
+
+
+# --- created and sent ---------------------------------------------------------
+
+
+def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> Job:
+    """Take the call and record the job in one transaction, then queue it to its
+    device; a failed enqueue fails and refunds it (503)."""
+    with transaction.atomic():
+        key_id = take_call(presented, route.name, request.reserve_tokens)
+        job = create_job(key_id, route.name, request, queue=device_queue_name(route.deployment.device))
+    enqueue(job, route, request.payload())
+    return job
+
+
+def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
+    """Take the call exactly as for a local model and record a job that runs at once
+    (the web process forwards it: the provider is the device); the database
+    connection goes back to the pool for the provider's answer."""
+    with transaction.atomic():
+        key_id = take_call(presented, route.name, request.reserve_tokens)
+        job = create_job(key_id, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
+    release_db_connection()
+    return job
+
+
+def create_job(
+    key_id: int,
+    model: str,
+    request: JobRequest,
+    *,
+    queue: str = "",
+    backend: str = "local",
+    status: str = Job.Status.QUEUED,
+) -> Job:
+    """Record the call before it is queued or sent, so even a lost job leaves a row:
+    one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
+    now, text = timezone.now(), request.input_text
+    job = Job(
+        api_key_id=key_id,
+        model=model,
+        backend=backend,
+        queue=queue,
+        kind=request.kind,
+        status=status,
+        input_text=text if settings.LLM_CONFIG.server.store_payloads else "",
+        input_chars=len(text),
+        tokens_reserved=request.reserve_tokens,
+        created_at=now,
+        started_at=now if status == Job.Status.RUNNING else None,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(rows.INSERT_SQL, rows.params(rows.job_columns(job)))
+    job._state.adding, job._state.db = False, connection.alias
+    return job
+
+
+def enqueue(job: Job, route: LocalRoute, payload: Any) -> None:
+    """Send the job to its device's queue, or fail it fast (503) when no worker serves
+    that queue, it is full, or the broker is down: never leave a client hanging."""
+    try:
+        alive, depth = events.queue_state(job.queue)
+        if not alive:
+            raise ApiError(503, "no_worker", f"No worker is serving the model {job.model!r}; retry later.")
+        if depth >= settings.LLM_CONFIG.server.max_queue_depth:
+            raise ApiError(
+                503, "queue_full", "The queue for this model is full; retry later.", headers={"Retry-After": "1"}
+            )
+        soft_limit, hard_limit = settings.LLM_CONFIG.job_time_limits(route.deployment)
+        celery_app.send_task(
+            RUN_TASK,
+            args=(str(job.id), job.model, job.kind, payload),
+            task_id=str(job.id),
+            queue=job.queue,
+            soft_time_limit=soft_limit,
+            time_limit=hard_limit,
+            retry=False,
+        )
+    except ApiError as exc:
+        fail(job.id, exc.code, exc.message)
+        raise
+    except (BrokerError, redis.RedisError, OSError) as exc:
+        log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
+        fail(job.id, "broker_unavailable", "The job queue is unavailable.")
+        raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from exc
+
+
+def release_db_connection() -> None:
+    """Hand the connection back to the pool before a long wait, so hundreds of waiting
+    threads do not hold hundreds of PostgreSQL connections (never inside a transaction)."""
+    default = connections[DEFAULT_DB_ALIAS]
+    if default.in_atomic_block:
+        return
+    if default.vendor == "postgresql":
+        default.close()
+    else:
+        close_old_connections()
+
+
+# --- run by the worker --------------------------------------------------------
+
+
+def start(job_id: str, worker: str) -> bool:
+    """The worker claims a queued job; False when it was cancelled or ended meanwhile."""
+    return bool(
+        Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING, started_at=timezone.now(), worker=worker
+        )
+    )
+
+
+def complete(job_id: str, outcome: Outcome) -> None:
+    """Record what a job produced, then tell its follower. Recording first means a
+    client that has its answer finds the row and charge already done. A job whose
+    client left just after its last token (cancelled between that token and this
+    write) keeps the tokens it made and is charged exactly them."""
+    if outcome.cancelled:
+        record_cancelled(job_id, outcome.prompt_tokens or 0, outcome.completion_tokens or 0)
+        events.emit(job_id, "error", code="cancelled", message=CANCELLED_MESSAGE)
+        return
+    json.dumps(outcome.result)  # it travels and is stored as JSON: refuse anything else here
+    prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
+    if not finish(job_id, outcome.stored, prompt, completion, store_output=outcome.store_output):
+        record_cancelled(job_id, prompt or 0, completion or 0)
+    events.emit(job_id, "done", output=outcome.result)
+
+
+def fail_in_worker(job_id: str, code: str, message: str, *, only_running: bool = False) -> bool:
+    """Fail (and refund) a job the worker could not finish, and tell its follower;
+    nothing when it had ended already, e.g. its waiting request timed it out first."""
+    failed = fail(job_id, code, message, only_running=only_running)
+    if failed:
+        events.emit(job_id, "error", code=code, message=message)
+    return failed
+
+
+# --- ended ----------------------------------------------------------------------
+
+
+def finish(
+    job_id: Any,
+    output: Any,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    *,
+    store_output: bool = True,
+    cost_usd: float | None = None,
+) -> bool:
+    """Record success and settle the key's tokens, in one transaction of two raw
+    statements (every call pays this): the job's conditional UPDATE ... RETURNING, then
+    the key's increment. An active job has never been settled (every settling path
+    also ends the job), so marking it settled here is the once-only claim.
+    `store_output` False keeps bulky outputs (embedding vectors) out of the table."""
+    store = settings.LLM_CONFIG.server.store_payloads and store_output
+    values = {
+        "status": Job.Status.SUCCEEDED,
+        "finished_at": timezone.now(),
+        "output": output if store else None,
+        "output_chars": len(output) if isinstance(output, str) else len(str(output)),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
+        "tokens_settled": True,
+    }
+    params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # Bookkeeping, not the quota: a crash may lose the last instants of finished
+            # jobs' records (they stay `running`), and no call waits for a disk flush.
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        cursor.execute(rows.FINISH_SQL, params)
+        row = cursor.fetchone()
+        if row is None:
+            return False
+        key_id, reserved = row
+        if key_id is not None:
+            settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
+    return True
+
+
+def fail(job_id: Any, code: str, message: str, *, refund: bool = True, only_running: bool = False) -> bool:
+    """Mark an active job failed and, unless `refund` is False (the client's own
+    fault), give its call back, in one transaction: nobody sees a failed job whose
+    call is not yet refunded. Its reservation is released either way."""
+    statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
+    with transaction.atomic():
+        updated = Job.objects.filter(id=job_id, status__in=statuses).update(
+            status=Job.Status.FAILED, finished_at=timezone.now(), error_code=code, error_message=message
+        )
+        if updated:
+            settle_job_tokens(job_id, 0)
+            if refund:
+                refund_job(job_id)
+    return bool(updated)
+
+
+def time_out(job_id: Any) -> bool:
+    """The waiting request gave up: fail and refund the job, and keep the worker from
+    starting it if it is still queued. False when the job had ended meanwhile."""
+    failed = fail(job_id, "job_timeout", "The job did not finish in time.")
+    with contextlib.suppress(redis.RedisError):
+        events.request_cancel(str(job_id))
+    return failed
+
+
+def cancel(job_id: Any) -> bool:
+    """Stop a job nobody waits for any more (its client went away). A queued one never
+    runs (the worker checks the flag before it starts) and its reservation is
+    released here; a running one stops at its next token and the worker records and
+    charges what it made (`complete`). The call is not refunded: the client chose."""
+    events.request_cancel(str(job_id))
+    now = timezone.now()
+    with transaction.atomic():
+        if Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(status=Job.Status.CANCELLED, finished_at=now):
+            settle_job_tokens(job_id, 0)
+            return True
+    return bool(
+        Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(status=Job.Status.CANCELLED, finished_at=now)
+    )
+
+
+def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int) -> bool:
+    """The job stopped because it was cancelled: keep what it produced on the row and
+    charge exactly that. A job that failed meanwhile stays failed and uncharged."""
+    with transaction.atomic():
+        updated = Job.objects.filter(id=job_id, status__in=[Job.Status.RUNNING, Job.Status.CANCELLED]).update(
+            status=Job.Status.CANCELLED,
+            finished_at=timezone.now(),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        if updated:
+            settle_job_tokens(job_id, prompt_tokens + completion_tokens)
+    return bool(updated)
+
+
+def settle_job_tokens(job_id: Any, used: int) -> bool:
+    """Replace the job's token reservation on its key by `used`, exactly once however
+    many paths end the job (the claim on `tokens_settled` is the guard)."""
+    with transaction.atomic():
+        claimed = Job.objects.filter(id=job_id, tokens_settled=False, api_key__isnull=False).update(tokens_settled=True)
+        if not claimed:
+            return False
+        key_id, reserved = Job.objects.filter(id=job_id).values_list("api_key_id", "tokens_reserved").get()
+        settle_tokens(key_id, used - reserved)
+    return True
+
+
+def refund_job(job_id: Any) -> bool:
+    """Refund the job's call exactly once, however many paths try."""
+    with transaction.atomic():
+        claimed = Job.objects.filter(id=job_id, refunded=False, api_key__isnull=False).update(refunded=True)
+        if not claimed:
+            return False
+        key_id = Job.objects.filter(id=job_id).values_list("api_key_id", flat=True).get()
+        refund_call(key_id)
+    return True
+
+
+# --- upstream jobs ----------------------------------------------------------------
+
+
+def finish_upstream(
+    job: Job, route: UpstreamRoute, text: str, usage: tuple[int, int] | None, pieces: int = 1
+) -> tuple[int, int]:
+    """Record a provider's answer and charge its usage and price; a provider that
+    reported no usage is charged `estimated_usage`. The (prompt, completion) charged."""
+    prompt, completion = usage or estimated_usage(job, pieces)
+    cost = route.model.cost(prompt, completion)
+    finish(job.id, text, prompt, completion, store_output=job.kind != Job.Kind.EMBEDDINGS, cost_usd=cost)
+    return prompt, completion
+
+
+def fail_upstream(job: Job, status: int, code: str, message: str) -> None:
+    """A provider call that failed; refunded unless the provider refused the client's
+    own request (a 4xx that is not about our secret or our limits there)."""
+    client_fault = 400 <= status < 500 and status not in PROVIDER_SIDE_4XX
+    fail(job.id, code, message, refund=not client_fault)
+
+
+def abandon_upstream(job: Job, usage: tuple[int, int] | None, pieces: int) -> None:
+    """The client went away mid-stream: the job ends `cancelled`, charged for what was
+    streamed (the provider bills it too); the call is not refunded."""
+    cancel(job.id)
+    record_cancelled(str(job.id), *(usage or estimated_usage(job, pieces)))
+
+
+def estimated_usage(job: Job, completion_pieces: int) -> tuple[int, int]:
+    """What a provider that reports no usage (or a stream cut before its usage chunk)
+    is charged: ~4 characters a prompt token, one token per streamed piece."""
+    return -(-job.input_chars // CHARS_PER_TOKEN), completion_pieces

@@ -1,0 +1,90 @@
+"""The job lifecycle's own rules, in-process on the real database: the row it records,
+and the billing policy of upstream calls (who pays for a provider's refusal, what an
+answer without usage costs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from apikeys.models import ApiKey
+from djangollmapi.config import parse_config
+from djangollmapi.routes import route_model
+from llmjobs import lifecycle
+from llmjobs.models import Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CONFIG = parse_config(
+    {
+        "deployments": [{"name": "echo", "algorithm": "algorithms.echo:Echo"}],
+        "upstreams": [
+            {
+                "name": "prov",
+                "base_url": "https://p.example/v1",
+                "models": {"far": "their-far"},
+                "prices": {"far": {"input": 1.0, "output": 2.0}},
+            }
+        ],
+    },
+    "<test>",
+    base_dir=Path("/tmp"),
+)
+
+
+@dataclass
+class Request:
+    kind: str = Job.Kind.CHAT
+    input_text: str = "twelve chars"
+    reserve_tokens: int = 20
+
+    def payload(self) -> dict:
+        return {}
+
+
+def charged_key() -> ApiKey:
+    api_key, _ = ApiKey.objects.issue(name="lifecycle")
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=20)
+    return api_key
+
+
+def test_the_recorded_row_is_the_job_it_returns():
+    api_key = charged_key()
+    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    row = Job.objects.get(id=job.id)
+    fields = [f.attname for f in Job._meta.concrete_fields]
+    assert {name: getattr(row, name) for name in fields} == {name: getattr(job, name) for name in fields}
+    assert (row.kind, row.backend, row.input_chars, row.tokens_reserved) == ("chat", "prov", 12, 20)
+    assert row.started_at == row.created_at and row.output is None and not row.refunded
+
+
+@pytest.mark.parametrize(
+    "status, refunded",
+    [
+        *[(400, False), (404, False), (422, False)],  # the client's own request
+        *[(401, True), (403, True), (408, True), (409, True), (429, True)],  # our secret, our limits there
+        *[(502, True), (503, True), (504, True)],  # the provider or the way to it failed
+    ],
+)
+def test_a_providers_refusal_is_refunded_unless_it_is_the_clients_fault(status, refunded):
+    api_key = charged_key()
+    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    lifecycle.fail_upstream(job, status, "some_code", "refused")
+    job.refresh_from_db()
+    api_key.refresh_from_db()
+    assert (job.status, job.refunded, api_key.calls_used) == (Job.Status.FAILED, refunded, 0 if refunded else 1)
+    assert api_key.tokens_used == 0  # the reservation is released either way
+
+
+def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
+    api_key = charged_key()
+    route = route_model("far", CONFIG)
+    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    charged = lifecycle.finish_upstream(job, route, "the answer", usage=None, pieces=5)
+    assert charged == (3, 5)  # 12 characters at ~4 a token, one token per streamed piece
+    job.refresh_from_db()
+    api_key.refresh_from_db()
+    assert (job.prompt_tokens, job.completion_tokens, float(job.cost_usd)) == (3, 5, (3 * 1.0 + 5 * 2.0) / 1e6)
+    assert api_key.tokens_used == 8  # the reservation replaced by what was charged
