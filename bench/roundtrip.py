@@ -1,18 +1,22 @@
 """Round trip of `POST /api/` against calling the algorithm in-process.
 
-Starts its own stack in a temporary data dir (embedded Redis on a unix socket unless
-REDIS_URL is set, SQLite or PostgreSQL, one `cpu` Celery worker, gunicorn gthread with
-2 workers x 32 threads as `manage.py serve` does), then measures in ONE run:
+Measures what the queued path (gunicorn, Django, the job row, Redis, Celery, the
+worker, the answer back) costs over the cheapest algorithm there is, `Echo` with no
+delay. Starts its own stack in a temporary data dir (`stack.Stack`: embedded Redis
+unless REDIS_URL is set, SQLite or PostgreSQL, one `cpu` Celery worker, gunicorn
+gthread 2 workers x 32 threads as `manage.py serve` does), then measures in ONE run:
 
   (a) `algorithms.echo:Echo().run(text)` in-process, N times;
-  (b) `POST /api/` from 1 client (sequential, keep-alive session);
-  (c) `POST /api/` from 16 concurrent clients (a thread and a session each).
+  (b) `POST /api/` from 1 client (keep-alive, `loadgen`);
+  (c) `POST /api/` from 16 concurrent clients (a thread and a connection each).
 
 Every response must be 200 with the echoed text; any error is counted, reported
-loudly, and makes the exit status non-zero. Prints a table, writes
-`bench/results/roundtrip-<database>.json`. With `--profile`, afterwards runs py-spy on
-the gunicorn workers and the Celery processes during a 16-client load and summarises
-where the time goes. Every process it starts is stopped on exit, error or Ctrl-C.
+loudly, and makes the exit status non-zero. Per case: p50/p90/p99, req/s, the ratio to
+the in-process call, CPU ms per request per process (`cpu.CpuMeter`) and the server-side
+stages from the job rows. Prints a table, writes `bench/results/roundtrip-<database>.json`.
+With `--profile`, afterwards runs py-spy on the gunicorn workers and the Celery
+processes during a 16-client load and summarises where the time goes. Every process it
+starts is stopped on exit, error or Ctrl-C.
 
     .venv/bin/python bench/roundtrip.py [--requests N] [--database sqlite|postgres] [--profile]
 """
@@ -20,53 +24,49 @@ where the time goes. Every process it starts is stopped on exit, error or Ctrl-C
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
-import requests
-from common import (
+import loadgen
+import profiling
+from cpu import CpuMeter, wait_for_quiet
+from internals import JOB_TABLE, KEY_TABLE, as_epoch, key_prefix
+from loadgen import CallError, Load, Outcome, Pool, Reply, Timing
+from report import (
     RESULTS_DIR,
-    ROOT,
-    CpuMeter,
-    Stack,
-    deployment_toml,
-    install_signal_handlers,
-    machine_info,
-    no_nan,
-    percentile,
-    print_table,
-    redact,
-    run_in_threads,
-    run_on_stack,
+    case_summary,
+    fmt,
+    fmt_ms,
+    fmt_ratio,
+    print_columns,
+    print_cpu,
+    print_request_errors,
+    result_head,
     say,
-    server_toml,
-    wait_for_quiet,
+    say_case,
+    spread,
+    write_result,
 )
+from stack import Stack, deployment_toml, install_signal_handlers, run_on_stack, server_toml
 
 # isort: split
-# After `common`, which puts the project root on sys.path.
+# After `stack`, which puts the project root on sys.path.
 from algorithms.loader import build_algorithm
-from djangollmapi import processes
 
 ALGORITHM = "algorithms.echo:Echo"
 MODEL = "echo"
 DEVICE = "cpu"
 WEB_WORKERS = 2
 WEB_THREADS = 32
-REQUEST_TIMEOUT_S = 30
 AIM_P50_MS_1_CLIENT = 6.0
 AIM_RPS_16_CLIENTS = 300.0
-PROFILE_KEEP_MAX_BYTES = 1_000_000
+PROFILE_RATE_HZ = 200
+STAGE_SPREAD = ("p50", "p90", "p99", "mean")
 
 
 # ---------------------------------------------------------------- stack
@@ -90,17 +90,14 @@ class RoundtripStack(Stack):
             text = fh.read().decode("utf-8", "replace")
         return [float(m) for m in re.findall(r"run_job\[[^\]]+\] succeeded in ([0-9.eE-]+)s", text)]
 
-    def job_rows(self, tag: str) -> list[tuple]:
-        """(created_at, started_at, finished_at) of this run's jobs whose text carries `tag`."""
-        prefix = self.api_key.split("_", 2)[1]
-        like = f"roundtrip {tag} #%"
+    def job_times(self, tag: str) -> list[tuple[float | None, ...]]:
+        """(created_at, started_at, finished_at) as Unix seconds of this run's jobs whose text carries `tag`."""
         rows = self.query(
-            "SELECT j.created_at, j.started_at, j.finished_at FROM llmjobs_job j "
-            "JOIN apikeys_apikey k ON k.id = j.api_key_id WHERE k.prefix = {p} AND j.input_text LIKE {p}",
-            [prefix, like],
+            f"SELECT j.created_at, j.started_at, j.finished_at FROM {JOB_TABLE} j "
+            f"JOIN {KEY_TABLE} k ON k.id = j.api_key_id WHERE k.prefix = {{p}} AND j.input_text LIKE {{p}}",
+            [key_prefix(self.api_key), f"roundtrip {tag} #%"],
         )
-        parse = lambda v: dt.datetime.fromisoformat(v) if isinstance(v, str) else v  # noqa: E731
-        return [tuple(parse(v) for v in row) for row in rows]
+        return [tuple(as_epoch(v) for v in row) for row in rows]
 
 
 def bench_config_toml(tmp: Path, port: int) -> str:
@@ -111,27 +108,28 @@ def bench_config_toml(tmp: Path, port: int) -> str:
 # ---------------------------------------------------------------- measurement
 
 
-def summarise(name: str, latencies_s: list[float], errors: int, wall_s: float, attempted: int) -> dict:
-    ms = sorted(x * 1000 for x in latencies_s)
-    return {
-        "case": name,
-        "requests": attempted,
-        "ok": len(ms),
-        "errors": errors,
-        "p50_ms": percentile(ms, 50),
-        "p90_ms": percentile(ms, 90),
-        "p99_ms": percentile(ms, 99),
-        "max_ms": ms[-1] if ms else float("nan"),
-        "mean_ms": sum(ms) / len(ms) if ms else float("nan"),
-        "wall_s": wall_s,
-        "requests_per_s": len(ms) / wall_s if wall_s > 0 else float("nan"),
-    }
-
-
 def text_for(tag: str, i: int, chars: int) -> str:
     head = f"roundtrip {tag} #{i}: "
     filler = "the quick brown fox jumps over the lazy dog "
     return (head + filler * (1 + chars // len(filler)))[: max(chars, len(head))]
+
+
+def post_load(stack: Stack, tag: str, chars: int) -> Load:
+    """`POST /api/` with call i's own text (tagged, so its job row can be found again),
+    checked to come back echoed, with our model and a job id."""
+
+    def check(i: int, reply: Reply) -> None:
+        try:
+            answer = json.loads(reply.body)
+        except ValueError:
+            raise CallError("bad JSON", reply.body.decode("utf-8", "replace")) from None
+        ok = isinstance(answer, dict) and answer.get("job_id") and answer.get("model") == MODEL
+        if not ok or answer.get("message") != text_for(tag, i, chars):
+            raise CallError("wrong body", json.dumps(answer)[:300])
+
+    headers = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
+    body = lambda i: json.dumps({"text": text_for(tag, i, chars), "model": MODEL}).encode()  # noqa: E731
+    return Load("/api/", headers, body, check=check)
 
 
 def measure_in_process(n: int, chars: int) -> dict:
@@ -139,149 +137,41 @@ def measure_in_process(n: int, chars: int) -> dict:
     texts = [text_for("inproc", i, chars) for i in range(n)]
     for text in texts[:50]:
         algorithm.run(text)
-    latencies, errors = [], 0
+    outcome = Outcome(attempted=n)
     clock = time.perf_counter
-    started = clock()
-    for text in texts:
-        t0 = clock()
-        out = algorithm.run(text)
-        latencies.append(clock() - t0)
-        if out != text:
-            errors += 1
-    wall = clock() - started
-    return summarise("in-process Echo().run", latencies, errors, wall, n)
+    with CpuMeter(None) as meter:
+        started = clock()
+        for text in texts:
+            t0 = clock()
+            out = algorithm.run(text)
+            elapsed = clock() - t0
+            if out == text:
+                outcome.timings.append(Timing(elapsed))
+            else:
+                outcome.add_error("wrong text", repr(out))
+        outcome.wall_s = clock() - started
+    return case_summary("in-process Echo().run", outcome) | meter.report(n)
 
 
-class Errors:
-    """Thread-safe error count with the first few samples kept for the report."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.samples: list[str] = []
-        self.kinds: Counter = Counter()
-        self.lock = threading.Lock()
-
-    def add(self, kind: str, detail: str) -> None:
-        with self.lock:
-            self.count += 1
-            self.kinds[kind] += 1
-            if len(self.samples) < 10:
-                self.samples.append(f"{kind}: {detail[:300]}")
-
-
-def post_once(session: requests.Session, url: str, key: str, text: str, errors: Errors) -> float | None:
-    """One POST /api/; its latency in seconds, or None (and an error counted)."""
-    t0 = time.perf_counter()
-    try:
-        response = session.post(
-            url,
-            json={"text": text, "model": MODEL},
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=REQUEST_TIMEOUT_S,
-        )
-        elapsed = time.perf_counter() - t0
-    except requests.RequestException as exc:
-        errors.add(type(exc).__name__, str(exc))
-        return None
-    if response.status_code != 200:
-        errors.add(f"HTTP {response.status_code}", response.text)
-        return None
-    try:
-        body = response.json()
-    except ValueError:
-        errors.add("bad JSON", response.text)
-        return None
-    if body.get("message") != text or body.get("model") != MODEL or not body.get("job_id"):
-        errors.add("wrong body", json.dumps(body)[:300])
-        return None
-    return elapsed
-
-
-def run_clients(
-    sessions: list[requests.Session],
-    url: str,
-    key: str,
-    n: int,
-    tag: str,
-    chars: int,
-    stop: threading.Event | None = None,
-) -> tuple[list[float], Errors, float, int]:
-    """n requests shared by len(sessions) threads (one session each); or, with `stop`,
-    as many as fit until it is set (n is then the ceiling)."""
-    errors = Errors()
-    lock = threading.Lock()
-    counter = iter(range(n))
-    per_thread: list[list[float]] = [[] for _ in sessions]
-    attempted = [0] * len(sessions)
-
-    def client(index: int) -> None:
-        session = sessions[index]
-        while stop is None or not stop.is_set():
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            attempted[index] += 1
-            latency = post_once(session, url, key, text_for(tag, i, chars), errors)
-            if latency is not None:
-                per_thread[index].append(latency)
-
-    if len(sessions) == 1:
-        started = time.perf_counter()
-        client(0)
-        wall = time.perf_counter() - started
-    else:
-        wall = run_in_threads(client, range(len(sessions)))
-    latencies = [x for chunk in per_thread for x in chunk]
-    return latencies, errors, wall, sum(attempted)
-
-
-def measure_http(
-    stack: Stack, clients: int, n: int, warmup: int, chars: int, quiet_wait_s: float
-) -> tuple[dict, Errors]:
-    url = f"{stack.base_url}/api/"
-    sessions = [requests.Session() for _ in range(clients)]
-    try:
-        idle_busy = wait_for_quiet(quiet_wait_s)
-        _lat, warm_errors, _wall, _n = run_clients(
-            sessions, url, stack.api_key, max(warmup, 2 * clients), f"warm{clients}", chars
-        )
+def measure_http(stack: RoundtripStack, clients: int, args: argparse.Namespace) -> dict:
+    """Warm up, then `args.requests` POSTs from `clients` clients, CPU metered."""
+    tag = f"c{clients}"
+    with Pool(stack.port, clients) as pool:
+        idle_busy = wait_for_quiet(args.quiet_wait)
+        warm = pool.warm_up(post_load(stack, f"warm{clients}", args.text_chars), args.warmup)
         log_offset = stack.worker_log_size()
         with CpuMeter(stack) as meter:
-            latencies, errors, wall, attempted = run_clients(sessions, url, stack.api_key, n, f"c{clients}", chars)
-        task_runtimes = stack.worker_task_runtimes(log_offset)
-        result = summarise(
-            f"POST /api/, {clients} client{'s' if clients > 1 else ''}", latencies, errors.count, wall, attempted
-        )
-        result["clients"] = clients
-        result["warmup_requests"] = max(warmup, 2 * clients)
-        result["warmup_errors"] = warm_errors.count
-        result["machine_busy_share_before"] = round(idle_busy, 3)
-        result["error_kinds"] = dict(errors.kinds + warm_errors.kinds)
-        result["error_samples"] = (warm_errors.samples + errors.samples)[:10]
-        result.update(meter.report(len(latencies)))
-        result["server_stages_ms"] = server_stages(stack, f"c{clients}", task_runtimes, wall)
-        errors.count += warm_errors.count
-        return result, errors
-    finally:
-        for session in sessions:
-            session.close()
+            outcome = pool.run(post_load(stack, tag, args.text_chars), args.requests)
+    result = case_summary(f"POST /api/, {clients} client{'s' if clients > 1 else ''}", outcome, warm)
+    result["clients"] = clients
+    result["machine_busy_share_before"] = round(idle_busy, 3)
+    result.update(meter.report(len(outcome.timings)))
+    runtimes = stack.worker_task_runtimes(log_offset)
+    result["server_stages_ms"] = server_stages(stack, tag, runtimes, outcome.wall_s)
+    return result
 
 
-def spread(values_s: list[float]) -> dict:
-    ms = sorted(v * 1000 for v in values_s)
-    if not ms:
-        return {"n": 0}
-    return {
-        "n": len(ms),
-        "p50": round(percentile(ms, 50), 3),
-        "p90": round(percentile(ms, 90), 3),
-        "p99": round(percentile(ms, 99), 3),
-        "mean": round(sum(ms) / len(ms), 3),
-    }
-
-
-def server_stages(stack: Stack, tag: str, task_runtimes: list[float], wall_s: float) -> dict:
+def server_stages(stack: RoundtripStack, tag: str, task_runtimes: list[float], wall_s: float) -> dict:
     """Where a request's time goes on the server, from the job rows and the worker log:
     queue_wait = started_at - created_at (INSERT commit, enqueue, broker, prefork hand-off,
     cancel check); run = finished_at - started_at (claim UPDATE, algorithm, emit);
@@ -289,272 +179,73 @@ def server_stages(stack: Stack, tag: str, task_runtimes: list[float], wall_s: fl
     = sum of task runtimes / wall time (near 1: the single worker is the bottleneck)."""
     stages: dict = {}
     try:
-        rows = stack.job_rows(tag)
-        stages["queue_wait"] = spread([(started - created).total_seconds() for created, started, _f in rows if started])
-        stages["run"] = spread(
-            [(finished - started).total_seconds() for _c, started, finished in rows if started and finished]
-        )
+        rows = stack.job_times(tag)
+        queue_wait = [started - created for created, started, _f in rows if started]
+        run = [finished - started for _c, started, finished in rows if started and finished]
+        stages["queue_wait"] = spread(queue_wait, 1000, STAGE_SPREAD)
+        stages["run"] = spread(run, 1000, STAGE_SPREAD)
     except Exception as exc:  # diagnostics only; never fail the run for them
         stages["job_rows_error"] = f"{type(exc).__name__}: {exc}"
-    stages["celery_task"] = spread(task_runtimes)
+    stages["celery_task"] = spread(task_runtimes, 1000, STAGE_SPREAD)
     stages["worker_busy_share"] = round(sum(task_runtimes) / wall_s, 3) if wall_s else None
     return stages
 
 
-# ---------------------------------------------------------------- profiling
-
-
-PROFILE_MODES = {
-    # Threads the OS sees running (py-spy's default): includes time in C code that
-    # released the GIL (SQLite commits, socket reads), and threads that are runnable
-    # but waiting for a CPU on a busy machine.
-    "active": [],
-    # Only the thread holding the GIL: where Python-level CPU goes, and what the
-    # threads of one gunicorn worker queue behind.
-    "gil": ["--gil"],
-}
-
-
-def profile_under_load(stack: Stack, clients: int, seconds: int, chars: int, database: str) -> dict:
-    """py-spy record on each gunicorn worker and both Celery processes while `clients`
-    threads keep POSTing, once per mode in PROFILE_MODES; returns per-process
-    summaries of where the samples fall."""
-    py_spy = Path(sys.executable).parent / "py-spy"
-    if not py_spy.exists():
-        py_spy = Path(shutil.which("py-spy") or "")
-    if not py_spy or not py_spy.exists():
-        return {"error": "py-spy not found"}
+def profile_under_load(stack: RoundtripStack, clients: int, seconds: int, chars: int, database: str) -> dict:
+    """py-spy on each gunicorn worker and both Celery processes while `clients` clients
+    keep POSTing, once per mode in `profiling.MODES`."""
     targets = [(f"web{i + 1}", pid) for i, pid in enumerate(stack.web_worker_pids())]
     targets.append(("celery-parent", stack.worker_pid(DEVICE)))
     children = stack.celery_child_pids(DEVICE)
     targets += [(f"celery-child{'' if i == 0 else i + 1}", pid) for i, pid in enumerate(children)]
-    out_dir = Path(tempfile.mkdtemp(prefix="dla-bench-profile-"))
-    url = f"{stack.base_url}/api/"
-    stop = threading.Event()
-    sessions = [requests.Session() for _ in range(clients)]
-    box: dict = {}
-    recorded: list[tuple[str, str, int, Path]] = []
-
-    def load() -> None:
-        box["result"] = run_clients(sessions, url, stack.api_key, 10**6, "prof", chars, stop=stop)
-
-    loader = threading.Thread(target=load, daemon=True)
+    pool = Pool(stack.port, clients)
+    load = post_load(stack, "prof", chars)
     try:
-        loader.start()
-        time.sleep(1.0)  # connections open, steady state
-        for mode, flags in PROFILE_MODES.items():
-            spies: list[subprocess.Popen] = []
-            try:
-                for label, pid in targets:
-                    path = out_dir / f"roundtrip-{database}-{label}-{mode}.speedscope.json"
-                    argv = [
-                        str(py_spy),
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--duration",
-                        str(seconds),
-                        "--rate",
-                        "200",
-                        "--format",
-                        "speedscope",
-                        "--output",
-                        str(path),
-                        "--nonblocking",
-                        *flags,
-                    ]
-                    spy = processes.spawn(argv, log_path=out_dir / f"{label}-{mode}.log")
-                    spies.append(spy)
-                    stack.children.append((f"py-spy {label} {mode}", spy))
-                    recorded.append((label, mode, pid, path))
-                for spy in spies:
-                    spy.wait(seconds + 60)
-            finally:
-                for spy in spies:
-                    processes.stop(spy)
-                    stack.children[:] = [(n, p) for n, p in stack.children if p is not spy]
+        processes, load_stats = profiling.profile_under_load(
+            stack,
+            targets,
+            lambda stop: pool.run(load, 10**6, stop=stop),
+            seconds,
+            PROFILE_RATE_HZ,
+            lambda label, mode: f"roundtrip-{database}-{label}-{mode}.speedscope.json",
+            profiling.MODES,
+        )
+    except RuntimeError as exc:
+        return {"error": str(exc)}
     finally:
-        stop.set()
-        loader.join(REQUEST_TIMEOUT_S + 5)
-        for session in sessions:
-            session.close()
-    latencies, errors, wall, attempted = box.get("result", ([], Errors(), 0.0, 0))
-    summary = {
+        pool.close()
+    return {
         "clients": clients,
         "seconds_per_mode": seconds,
-        "rate_hz": 200,
-        "modes": {
-            "active": "threads not sleeping (py-spy default, --nonblocking)",
-            "gil": "only the thread holding the GIL (--gil)",
-        },
-        "load": {
-            "requests": attempted,
-            "ok": len(latencies),
-            "errors": errors.count,
-            "requests_per_s_under_py_spy": round(len(latencies) / wall, 1) if wall else None,
-        },
-        "processes": {},
-    }
-    for label, mode, pid, path in recorded:
-        entry: dict = {"pid": pid}
-        if not path.exists():
-            entry["error"] = f"py-spy wrote nothing; see {out_dir / f'{label}-{mode}.log'}"
-        else:
-            entry.update(summarise_speedscope(path))
-            size = path.stat().st_size
-            if size < PROFILE_KEEP_MAX_BYTES:
-                RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-                kept = RESULTS_DIR / path.name
-                shutil.copyfile(path, kept)
-                entry["speedscope"] = str(kept.relative_to(ROOT))
-            else:
-                entry["speedscope"] = str(path)
-            entry["speedscope_bytes"] = size
-        summary["processes"].setdefault(label, {})[mode] = entry
-    kept_in_tmp = any(
-        str(entry.get("speedscope", "")).startswith(str(out_dir)) or "error" in entry
-        for by_mode in summary["processes"].values()
-        for entry in by_mode.values()
-    )
-    if not kept_in_tmp:  # everything worth keeping was copied to bench/results
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return summary
-
-
-def package_of(file: str) -> str:
-    if "site-packages/" in file:
-        return file.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    if file.startswith(str(ROOT) + "/"):
-        return "app:" + file[len(str(ROOT)) + 1 :].split("/", 1)[0].removesuffix(".py")
-    if "/lib/python3" in file:
-        rest = file.split("/lib/python3", 1)[1].split("/", 1)[-1]
-        return "stdlib:" + rest.split("/", 1)[0].removesuffix(".py")
-    return file or "?"
-
-
-ENTRY_POINTS = ("manage.py", "llmjobs/management/commands/runworker.py")
-
-
-def is_own_code(file: str) -> bool:
-    """The project's code, less the venv inside it and the process entry points."""
-    if "site-packages/" in file or not file.startswith(str(ROOT) + "/"):
-        return False
-    return not file.endswith(ENTRY_POINTS)
-
-
-def short_file(file: str) -> str:
-    for marker in ("site-packages/", str(ROOT) + "/"):
-        if marker in file:
-            return file.split(marker, 1)[1]
-    if "/lib/python3" in file:
-        return "stdlib/" + file.split("/lib/python3", 1)[1].split("/", 1)[-1]
-    return file
-
-
-def summarise_speedscope(path: Path, top: int = 15) -> dict:
-    """Self and inclusive shares per function, self share per package, and the
-    inclusive share of each of our own (project) functions: the request's stages."""
-    data = json.loads(path.read_text())
-    frames = data["shared"]["frames"]
-    keys = [(f["name"], f.get("file") or "") for f in frames]
-    self_w: Counter = Counter()
-    incl_w: Counter = Counter()
-    pkg_w: Counter = Counter()
-    total = 0.0
-    threads = 0
-    for profile in data["profiles"]:
-        if not profile.get("samples"):
-            continue
-        threads += 1
-        for stack, weight in zip(profile["samples"], profile["weights"], strict=False):
-            if not stack:
-                continue
-            total += weight
-            leaf = keys[stack[-1]]
-            self_w[leaf] += weight
-            pkg_w[package_of(leaf[1])] += weight
-            for key in {keys[i] for i in stack}:
-                incl_w[key] += weight
-
-    def share(counter: Counter, n: int, own_only: bool = False) -> list[list]:
-        rows = []
-        for (name, file), w in counter.most_common():
-            if own_only and not is_own_code(file):
-                continue
-            rows.append([round(100 * w / total, 1), f"{name} ({short_file(file)})"])
-            if len(rows) >= n:
-                break
-        return rows
-
-    return {
-        "active_samples_s": round(total, 2),
-        "threads_seen": threads,
-        "self_top": share(self_w, top),
-        "inclusive_top": share(incl_w, top),
-        "own_code_inclusive": share(incl_w, top, own_only=True),
-        "self_by_package": [[round(100 * w / total, 1), p] for p, w in pkg_w.most_common(top)] if total else [],
+        "rate_hz": PROFILE_RATE_HZ,
+        "modes": profiling.MODE_MEANINGS,
+        "load": load_stats,
+        "processes": processes,
     }
 
 
 # ---------------------------------------------------------------- output
 
 
-def fmt_ms(value: float) -> str:
-    if value != value:  # nan
-        return "-"
-    return f"{value:.2e}" if value < 0.01 else f"{value:.2f}"
-
-
-def ratio(numerator: float, denominator: float) -> str:
-    if not denominator or denominator != denominator or numerator != numerator:
-        return "-"
-    return f"{numerator / denominator:,.0f}x"
-
-
-def print_cases(cases: list[dict], baseline: dict) -> None:
-    header = [
-        "case",
-        "requests",
-        "errors",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "req/s",
-        "p50 / in-proc",
-        "in-proc req/s / req/s",
-    ]
-    rows = []
-    for case in cases:
-        rows.append(
-            [
-                case["case"],
-                str(case["requests"]),
-                str(case["errors"]),
-                fmt_ms(case["p50_ms"]),
-                fmt_ms(case["p90_ms"]),
-                fmt_ms(case["p99_ms"]),
-                f"{case['requests_per_s']:,.0f}" if case["requests_per_s"] == case["requests_per_s"] else "-",
-                ratio(case["p50_ms"], baseline["p50_ms"]) if case is not baseline else "1x",
-                ratio(baseline["requests_per_s"], case["requests_per_s"]) if case is not baseline else "1x",
-            ]
-        )
-    print_table(header, rows)
-
-
-def print_cpu(cases: list[dict]) -> None:
-    print(f"\nCPU per request (ms, from /proc; the machine has {os.cpu_count()} CPUs):")
-    for case in cases:
-        cpu = case.get("cpu_ms_per_request")
-        if not cpu:
-            continue
-        sys_ms = case.get("cpu_sys_ms_per_request", {})
-        parts = ", ".join(f"{k} {v:.2f}" + (f" (sys {sys_ms[k]:.2f})" if k in sys_ms else "") for k, v in cpu.items())
-        print(
-            f"  {case['case']}: {parts}; total {sum(cpu.values()):.2f}; "
-            f"machine busy {100 * case['machine_cpu_busy_share']:.0f}% "
-            f"(other processes {100 * case['other_processes_cpu_share']:.0f}%); "
-            f"loadavg {case['loadavg_1m_before_after'][0]} -> {case['loadavg_1m_before_after'][1]}"
-        )
+def print_cases(cases: list[dict]) -> None:
+    base = cases[0]  # in-process
+    print_columns(
+        [
+            ("case", lambda c: c["case"]),
+            ("requests", lambda c: str(c["requests"])),
+            ("errors", lambda c: str(c["errors"])),
+            ("p50 ms", lambda c: fmt_ms(c["p50_ms"])),
+            ("p90 ms", lambda c: fmt_ms(c["p90_ms"])),
+            ("p99 ms", lambda c: fmt_ms(c["p99_ms"])),
+            ("req/s", lambda c: fmt(c["requests_per_s"], 0)),
+            ("p50 / in-proc", lambda c: "1x" if c is base else fmt_ratio(c["p50_ms"], base["p50_ms"], 0)),
+            (
+                "in-proc req/s / req/s",
+                lambda c: "1x" if c is base else fmt_ratio(base["requests_per_s"], c["requests_per_s"], 0),
+            ),
+        ],
+        cases,
+    )
 
 
 def print_stages(cases: list[dict]) -> None:
@@ -571,11 +262,8 @@ def print_stages(cases: list[dict]) -> None:
                 parts.append(f"{name} p50 {st['p50']:.2f} / p90 {st['p90']:.2f}")
         if "job_rows_error" in stages:
             parts.append(f"(job rows: {stages['job_rows_error']})")
-        print(
-            f"  {case['case']}: "
-            + ", ".join(parts)
-            + f"; worker busy {100 * (stages.get('worker_busy_share') or 0):.0f}%"
-        )
+        busy = 100 * (stages.get("worker_busy_share") or 0)
+        print(f"  {case['case']}: " + ", ".join(parts) + f"; worker busy {busy:.0f}%")
 
 
 def aims(one: dict, many: dict, clients: int) -> list[str]:
@@ -590,60 +278,27 @@ def aims(one: dict, many: dict, clients: int) -> list[str]:
 
 
 def print_profile(summary: dict) -> None:
-    load = summary.get("load", {})
+    if "error" in summary:
+        print(f"\nprofile: {summary['error']}")
+        return
+    load = summary["load"]
     print(
-        f"\nprofile: py-spy {summary.get('seconds_per_mode')} s per mode at {summary.get('rate_hz')} Hz under "
-        f"{summary.get('clients')} clients; {load.get('ok')} requests "
-        f"({load.get('requests_per_s_under_py_spy')} req/s under py-spy), {load.get('errors')} errors"
+        f"\nprofile: py-spy {summary['seconds_per_mode']} s per mode at {summary['rate_hz']} Hz under "
+        f"{summary['clients']} clients; {load['ok']} requests "
+        f"({load['requests_per_s_under_py_spy']} req/s under py-spy), {load['errors']} errors"
     )
-    for mode, meaning in summary.get("modes", {}).items():
+    for mode, meaning in summary["modes"].items():
         print(f"  mode {mode}: {meaning}")
-    for label, by_mode in summary.get("processes", {}).items():
-        for mode, entry in by_mode.items():
-            if "error" in entry:
-                print(f"\n  [{label} / {mode}] {entry['error']}")
-                continue
-            print(
-                f"\n  [{label} / {mode}] pid {entry['pid']}: {entry['active_samples_s']} thread-s sampled in "
-                f"{entry['threads_seen']} threads ({entry['speedscope']})"
-            )
-            print("    self by package: " + ", ".join(f"{p} {s}%" for s, p in entry["self_by_package"][:8]))
-            print("    top self:")
-            for s, name in entry["self_top"][:8]:
-                print(f"      {s:5.1f}%  {name}")
-            if entry["own_code_inclusive"]:
-                print("    our code, inclusive:")
-                for s, name in entry["own_code_inclusive"][:8]:
-                    print(f"      {s:5.1f}%  {name}")
+    titled = [
+        (f"{label} / {mode}", e) for label, by_mode in summary["processes"].items() for mode, e in by_mode.items()
+    ]
+    profiling.print_entries(titled, 8, [("top self", "self_top", 8), ("our code, inclusive", "own_code_inclusive", 8)])
 
 
 # ---------------------------------------------------------------- main
 
 
-def measure_all(
-    stack: RoundtripStack, args: argparse.Namespace
-) -> tuple[dict, tuple[dict, Errors], tuple[dict, Errors], dict | None]:
-    """All cases against a started stack: in-process, 1 client, N clients, and the profile."""
-    say(f"ready; measuring {args.requests} requests per case")
-    with CpuMeter(None) as meter:
-        inproc = measure_in_process(args.requests, args.text_chars)
-    inproc.update(meter.report(args.requests))
-    say(f"in-process done: p50 {fmt_ms(inproc['p50_ms'])} ms")
-    one, errors_one = measure_http(stack, 1, args.requests, args.warmup, args.text_chars, args.quiet_wait)
-    say(f"1 client done: p50 {one['p50_ms']:.2f} ms, {one['requests_per_s']:.0f} req/s, {one['errors']} errors")
-    many, errors_many = measure_http(stack, args.clients, args.requests, args.warmup, args.text_chars, args.quiet_wait)
-    say(
-        f"{args.clients} clients done: p50 {many['p50_ms']:.2f} ms, "
-        f"{many['requests_per_s']:.0f} req/s, {many['errors']} errors"
-    )
-    profile = None
-    if args.profile:
-        say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
-        profile = profile_under_load(stack, args.clients, args.profile_seconds, args.text_chars, args.database)
-    return inproc, (one, errors_one), (many, errors_many), profile
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per case (default 2000)")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
@@ -664,47 +319,31 @@ def main() -> int:
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
         parser.error("--requests and --clients must be positive")
+    return args
 
-    install_signal_handlers()
-    tmp = Path(tempfile.mkdtemp(prefix="dla-bench-"))
-    stack = RoundtripStack(args.database, tmp)
-    measured, exit_code = run_on_stack(stack, tmp, args.keep_tmp, lambda: measure_all(stack, args))
-    if measured is None:
-        return exit_code
-    inproc, (one, errors_one), (many, errors_many), profile = measured
 
-    cases = [inproc, one, many]
-    total_errors = inproc["errors"] + errors_one.count + errors_many.count
-    print()
-    print(
-        f"roundtrip, database={args.database}, "
-        f"redis={'embedded (unix socket)' if stack.embedded_redis else 'REDIS_URL'}, "
-        f"gunicorn gthread {WEB_WORKERS}x{WEB_THREADS}, 1 cpu worker, echo (delay 0), {args.text_chars}-char texts, "
-        f"{os.cpu_count()} CPUs"
-    )
-    print()
-    print_cases(cases, inproc)
-    print_cpu(cases)
-    print_stages(cases)
-    print()
-    aim_lines = aims(one, many, args.clients)
-    for line in aim_lines:
-        print(line)
-    if profile:
-        print_profile(profile)
+def measure_all(stack: RoundtripStack, args: argparse.Namespace) -> tuple[list[dict], dict | None]:
+    """All cases against a started stack: in-process, 1 client, N clients; then the profile."""
+    say(f"ready; measuring {args.requests} requests per case")
+    cases = [measure_in_process(args.requests, args.text_chars)]
+    say(f"in-process done: p50 {fmt_ms(cases[0]['p50_ms'])} ms")
+    for clients in (1, args.clients):
+        cases.append(measure_http(stack, clients, args))
+        say_case(cases[-1])
+    profile = None
+    if args.profile:
+        say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
+        profile = profile_under_load(stack, args.clients, args.profile_seconds, args.text_chars, args.database)
+    return cases, profile
 
-    result = {
-        "benchmark": "roundtrip",
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+
+def result_json(stack: RoundtripStack, args: argparse.Namespace, cases: list[dict], aim_lines: list[str]) -> dict:
+    return result_head("roundtrip") | {
         "config": {
-            "database": args.database,
-            "database_url": redact(stack.database_url) if stack.database_url else "sqlite (temp data dir)",
-            "postgres_server_version": stack.postgres_server_version or None,
-            "redis": "embedded (unix socket)" if stack.embedded_redis else redact(stack.redis_url),
-            "redis_server_version": stack.redis_server_version,
+            **stack.describe(),
             "web": f"gunicorn gthread, {WEB_WORKERS} workers x {WEB_THREADS} threads, access log on",
             "worker": "manage.py runworker cpu (prefork, concurrency 1, loglevel INFO)",
+            "load_generator": loadgen.DESCRIPTION,
             "requests_per_case": args.requests,
             "clients": args.clients,
             "warmup": args.warmup,
@@ -717,23 +356,37 @@ def main() -> int:
             "statements": aim_lines,
         },
         "cases": cases,
-        "errors_total": total_errors,
-        "profile": profile,
+        "errors_total": sum(c["errors"] + c.get("warmup_errors", 0) for c in cases),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"roundtrip-{args.database}.json"
-    out.write_text(json.dumps(no_nan(result), indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT)}")
 
-    if total_errors:
-        print("\n" + "!" * 72)
-        print(f"!!! {total_errors} REQUEST ERRORS: this run's numbers are not valid")
-        for case in (one, many):
-            if case.get("error_kinds"):
-                print(f"!!!   [{case['case']}] by kind (warm-up included): {case['error_kinds']}")
-            for sample in case.get("error_samples", [])[:3]:
-                print(f"!!!   [{case['case']}] {sample}")
-        print("!" * 72)
+
+def main() -> int:
+    args = parse_args()
+    install_signal_handlers()
+    tmp = Path(tempfile.mkdtemp(prefix="dla-bench-"))
+    stack = RoundtripStack(args.database, tmp)
+    measured, exit_code = run_on_stack(stack, tmp, args.keep_tmp, lambda: measure_all(stack, args))
+    if measured is None:
+        return exit_code
+    cases, profile = measured
+    print(
+        f"\nroundtrip, database={args.database}, "
+        f"redis={'embedded (unix socket)' if stack.embedded_redis else 'REDIS_URL'}, "
+        f"gunicorn gthread {WEB_WORKERS}x{WEB_THREADS}, 1 cpu worker, echo (delay 0), {args.text_chars}-char texts, "
+        f"{os.cpu_count()} CPUs\n"
+    )
+    print_cases(cases)
+    print_cpu(cases)
+    print_stages(cases)
+    aim_lines = aims(cases[1], cases[2], args.clients)
+    print("\n" + "\n".join(aim_lines))
+    if profile:
+        print_profile(profile)
+    result = result_json(stack, args, cases, aim_lines)
+    result["profile"] = profile
+    write_result(result, RESULTS_DIR / f"roundtrip-{args.database}.json")
+    if result["errors_total"]:
+        print_request_errors(result["errors_total"], cases[1:], with_kinds=True)
         return 1
     return 0
 
