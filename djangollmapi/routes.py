@@ -63,8 +63,10 @@ Route = LocalRoute | UpstreamRoute
 
 
 def route_model(name: str, config: LLMConfig | None = None) -> Route:
-    """The backend of `name`, or 404 `model_not_found` for a name nobody serves."""
+    """The backend of `name` (an empty one means `[server] default_model`), or 404
+    `model_not_found` for a name nobody serves."""
     config = config or settings.LLM_CONFIG
+    name = name or config.server.default_model
     deployment = config.deployment(name)
     if deployment is not None:
         return LocalRoute(deployment, config.job_timeout_for(deployment))

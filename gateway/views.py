@@ -11,9 +11,9 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
-from rest_framework.views import APIView
 
 from apikeys.authentication import key_errors_first
+from apikeys.views import CallView, KeyView
 from djangollmapi.errors import ApiError
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import LocalRoute, Route, UpstreamRoute, route_model, unknown_model
@@ -69,21 +69,21 @@ def generation_response(request, kind: Job.Kind) -> HttpResponse:
     return json_response(body, job)
 
 
-class ChatCompletionsView(APIView):
+class ChatCompletionsView(CallView):
     """`POST /v1/chat/completions`, streamed (`stream: true`) or not."""
 
     def post(self, request) -> HttpResponse:
         return generation_response(request, Job.Kind.CHAT)
 
 
-class CompletionsView(APIView):
+class CompletionsView(CallView):
     """`POST /v1/completions`: a raw prompt, no chat template."""
 
     def post(self, request) -> HttpResponse:
         return generation_response(request, Job.Kind.COMPLETION)
 
 
-class EmbeddingsView(APIView):
+class EmbeddingsView(CallView):
     """`POST /v1/embeddings` on a deployment whose algorithm has `embed`."""
 
     def post(self, request) -> HttpResponse:
@@ -97,7 +97,7 @@ class EmbeddingsView(APIView):
         return json_response(body, job)
 
 
-class TokenizeView(APIView):
+class TokenizeView(CallView):
     """`POST /v1/tokenize` → token ids and count; `/v1/tokenize/count` (and seed 001's
     `/extras/tokenize/count`) → the count only. The model's own tokenizer, in its worker."""
 
@@ -123,7 +123,7 @@ def local_route(route: Route) -> LocalRoute:
     return route
 
 
-class ModelsView(APIView):
+class ModelsView(KeyView):
     """`GET /v1/models`: local deployments and upstream models this key may use."""
 
     def get(self, request) -> JsonResponse:
@@ -136,7 +136,7 @@ class ModelsView(APIView):
         return JsonResponse({"object": "list", "data": cards})
 
 
-class ModelDetailView(APIView):
+class ModelDetailView(KeyView):
     """`GET /v1/models/{id}`; a model the key may not use reads as unknown."""
 
     def get(self, request, model_id: str) -> JsonResponse:

@@ -7,7 +7,8 @@ nothing came for a while (the caller may send a keep-alive), and exactly one fin
 (the worker, a time limit, this follower giving up, Redis failing under it); when the
 follower loses such a race it reports what was recorded, so a client is never charged
 for an error nor refunded for an answer. A follow abandoned before its end (the client
-left, or its consumer stopped reading) cancels the job.
+left, or its consumer stopped reading) cancels the job; one that fails raises and
+leaves the job to its caller (a stream fails and refunds it).
 
 A plain answer takes the last event (`wait_for_output`); an SSE stream formats each.
 """
@@ -83,6 +84,9 @@ def follow_job(job: Job, timeout_s: float, client_gone: Callable[[], bool] | Non
     except redis.RedisError:
         ended = True
         yield broker_lost(job)
+    except Exception:
+        ended = True  # not abandoned but a fault: its caller fails the job (a stream) or answers 500
+        raise
     finally:
         if not ended:
             with contextlib.suppress(Exception):

@@ -8,9 +8,9 @@ from __future__ import annotations
 from django.conf import settings
 from django.http import JsonResponse
 from django.urls import reverse
-from rest_framework.views import APIView
 
 from apikeys.authentication import key_errors_first
+from apikeys.views import CallView, KeyView
 from djangollmapi.middleware import note_job
 from djangollmapi.routes import LocalRoute, route_local_model
 from llmjobs import lifecycle, selectors
@@ -25,13 +25,13 @@ def submit_run(request) -> tuple[Job, LocalRoute]:
     config = settings.LLM_CONFIG
     with key_errors_first(request.auth):
         run = parse_run_request(request.data, config.server.max_input_chars)
-        route = route_local_model(run.model or config.server.default_model)
+        route = route_local_model(run.model or "")
     job = lifecycle.submit(request.auth.presented, route, run)
     note_job(request, job)
     return job, route
 
 
-class RunView(APIView):
+class RunView(CallView):
     """`POST /api/ {"text": ...}` → `{"message": ..., "job_id": ..., "model": ...}`."""
 
     def post(self, request) -> JsonResponse:
@@ -40,7 +40,7 @@ class RunView(APIView):
         return JsonResponse({"message": output, "job_id": str(job.id), "model": job.model})
 
 
-class JobCreateView(APIView):
+class JobCreateView(CallView):
     """`POST /api/jobs/` → 202 and a Location to poll."""
 
     def post(self, request) -> JsonResponse:
@@ -51,7 +51,7 @@ class JobCreateView(APIView):
         return response
 
 
-class JobDetailView(APIView):
+class JobDetailView(KeyView):
     """`GET /api/jobs/<id>/`: status, queue position, result or error."""
 
     def get(self, request, job_id) -> JsonResponse:
@@ -77,7 +77,7 @@ def job_body(job: Job) -> dict:
     return body
 
 
-class UsageView(APIView):
+class UsageView(KeyView):
     """`GET /api/usage/`: the calling key's calls and characters per day, quota, window."""
 
     def get(self, request) -> JsonResponse:

@@ -19,6 +19,7 @@ from djangollmapi.config.types import (
     Section,
     expand_path,
     invalid,
+    toml_type,
     zero_means_unset,
 )
 
@@ -63,7 +64,7 @@ class ServerConfig(Section):
     def resolve_data_dir(cls, value: Any, info: ValidationInfo) -> Any:
         """Relative to the config file's folder; `$DJANGO_LLM_API_DATA_DIR` was applied."""
         if not isinstance(value, str):
-            return value
+            raise invalid(f"must be a string, got {toml_type(value)}")
         path = expand_path(value)
         base_dir = (info.context or {}).get("base_dir")
         return (base_dir / path).resolve() if base_dir and not path.is_absolute() else path

@@ -77,8 +77,10 @@ def expand_path(value: str) -> Path:
 
 
 def config_error(exc: ValidationError, source: str) -> ConfigError:
-    """The first problem pydantic found, as the one line an operator reads."""
-    error = exc.errors(include_url=False)[0]
+    """The first problem pydantic found, as the one line an operator reads; an unknown
+    key (a typo, often the cause of the rest) before any other."""
+    errors = exc.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     key = dotted_key(error["loc"], (error.get("ctx") or {}).get("key", ""))
     return ConfigError(source, key or "-", reason(error))
 
@@ -96,12 +98,16 @@ TYPE_NAMES = {
 TOML_TYPES = {str: "str", int: "int", float: "float", bool: "bool", list: "array", dict: "table"}
 
 
+def toml_type(value: Any) -> str:
+    return TOML_TYPES.get(type(value), type(value).__name__)
+
+
 def reason(error: dict[str, Any]) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in TYPE_NAMES:
         if isinstance(value, bool):
             return f"must be {TYPE_NAMES[kind]}, not a boolean"
-        return f"must be {TYPE_NAMES[kind]}, got {TOML_TYPES.get(type(value), type(value).__name__)}"
+        return f"must be {TYPE_NAMES[kind]}, got {toml_type(value)}"
     if kind == "greater_than":
         return "must be positive" if ctx.get("gt") == 0 else f"must be above {ctx.get('gt')}"
     if kind == "greater_than_equal":

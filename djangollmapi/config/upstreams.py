@@ -11,7 +11,16 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from djangollmapi.config.types import NAME_PATTERN, Name, NonNegative, Positive, PositiveSeconds, Section, invalid
+from djangollmapi.config.types import (
+    NAME_PATTERN,
+    Name,
+    NonNegative,
+    Positive,
+    PositiveSeconds,
+    Section,
+    invalid,
+    toml_type,
+)
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HEADER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9-]+$")
@@ -62,7 +71,7 @@ def upstream_models(raw: Any) -> Any:
 
 def header_pairs(raw: Any) -> Any:
     if not isinstance(raw, dict):
-        return raw
+        raise invalid(f"must be a table, got {toml_type(raw)}")
     for name, value in raw.items():
         if not HEADER_NAME_PATTERN.match(name) or name.lower() in RESERVED_HEADERS:
             raise invalid("is not a header this gateway may set", key=name)

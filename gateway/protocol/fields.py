@@ -152,6 +152,14 @@ class TokenLimits(WireModel):
     max_completion_tokens: TokenCount | None = None
     max_tokens: TokenCount | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def newer_name_first(cls, data: Any) -> Any:
+        """With `max_completion_tokens` given, `max_tokens` is not read at all."""
+        if isinstance(data, dict) and data.get("max_completion_tokens") is not None and "max_tokens" in data:
+            return {name: value for name, value in data.items() if name != "max_tokens"}
+        return data
+
     @property
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (the newer name) or `max_tokens`: reserved from the
@@ -184,6 +192,20 @@ class GenerationOptions(TokenLimits):
 
 class SamplingBody(GenerationOptions):
     """How a local deployment samples, for chat and completions alike."""
+
+    # The order in which a bad one is reported, whatever their order in the classes.
+    REPORT_FIRST = (
+        "max_completion_tokens",
+        "max_tokens",
+        "n",
+        "logprobs",
+        "temperature",
+        "top_p",
+        "stream",
+        "stop",
+        "seed",
+        "user",
+    )
 
     n: Annotated[int, between(1)] = 1
     logprobs: Any = None

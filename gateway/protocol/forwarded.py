@@ -34,13 +34,13 @@ ProviderInput = Annotated[str, BeforeValidator(provider_input)]
 
 
 class UpstreamChatBody(GenerationOptions):
-    REPORT_FIRST = ("messages",)
+    REPORT_FIRST = ("messages", "stream", "max_completion_tokens", "max_tokens")
 
     messages: ProviderInput
 
 
 class UpstreamCompletionBody(GenerationOptions):
-    REPORT_FIRST = ("prompt",)
+    REPORT_FIRST = ("prompt", "stream", "max_completion_tokens", "max_tokens")
 
     prompt: ProviderInput
 

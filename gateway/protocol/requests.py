@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from algorithms.base import GenerationRequest
 from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, wire_error
@@ -48,7 +48,7 @@ def model_name(data: Any) -> str:
 class ChatBody(SamplingBody):
     """`/v1/chat/completions` for a local deployment: the chat, and how to sample."""
 
-    REPORT_FIRST = ("messages",)
+    REPORT_FIRST = ("messages", *SamplingBody.REPORT_FIRST)
 
     messages: Messages
 
@@ -62,7 +62,7 @@ class ChatBody(SamplingBody):
 class CompletionBody(SamplingBody):
     """`/v1/completions` for a local deployment: the prompt, and how to sample."""
 
-    REPORT_FIRST = ("prompt", "echo", "suffix")
+    REPORT_FIRST = ("prompt", "echo", "suffix", *SamplingBody.REPORT_FIRST)
 
     prompt: Prompt
     echo: bool = False
@@ -143,7 +143,7 @@ def embedding_inputs(value: Any) -> Any:
 
 class EmbeddingsBody(WireModel):
     input: Annotated[tuple[str, ...], BeforeValidator(embedding_inputs)]
-    encoding_format: StorableStr = "float"
+    encoding_format: StorableStr = Field("", validate_default=True)
     dimensions: Any = None
     user: StorableStr = ""
 
@@ -156,6 +156,7 @@ class EmbeddingsBody(WireModel):
     @field_validator("encoding_format")
     @classmethod
     def known_format(cls, value: str) -> str:
+        value = value or "float"  # absent or empty: floats
         if value not in ENCODING_FORMATS:
             raise wire_error("invalid_value", "'encoding_format' must be 'float' or 'base64'.")
         return value
@@ -195,6 +196,17 @@ class TokenizeBody(WireModel):
     messages: Messages | None = None
     prompt: Prompt | None = None
     input: StorableStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def only_what_is_read(cls, data: Any) -> Any:
+        """`messages` when given, else `prompt`, else `input`: the others are not read."""
+        if not isinstance(data, dict):
+            return data
+        for name, unread in (("messages", ("prompt", "input")), ("prompt", ("input",))):
+            if data.get(name) is not None:
+                return {key: value for key, value in data.items() if key not in unread}
+        return data
 
     @model_validator(mode="after")
     def some_text(self, info: ValidationInfo) -> TokenizeBody:

@@ -1,6 +1,7 @@
 """One way in: every API view authenticates with the one class, which parses the
 Authorization header once per request and verifies a JWT once (one signature check,
-one subject lookup), whatever the endpoint and however the request ends."""
+one subject lookup), whatever the endpoint and however the request ends; and when it
+does so is as it always was (a call's key after the method, a read's key first)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import json
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from apikeys import authentication, jwt_auth
+from apikeys.models import ApiKey
 from tests.apikeys.test_jwt import make_token
+from tests.helpers import error_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,3 +83,22 @@ def test_the_request_log_names_the_caller_the_authentication_found(api, make_key
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "djangollmapi.requests"]
     labels = [line["key"] for line in lines]
     assert labels == [key.split("_")[1], "jwt", "-"]
+
+
+CALL_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/tokenize", "/api/", "/api/jobs/"]
+
+
+@pytest.mark.parametrize("path", CALL_ENDPOINTS)
+def test_an_endpoint_that_takes_calls_answers_a_wrong_method_before_the_key(api, path):
+    reply = api.get(path)  # no key at all
+    assert (reply.status_code, error_of(reply)["code"]) == (405, "method_not_allowed")
+    assert api.client.options(path).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/echo", "/api/usage/"])
+@pytest.mark.parametrize("method", ["GET", "POST", "OPTIONS"])
+def test_a_revoked_key_is_refused_by_a_reading_endpoint_whatever_the_method(api, make_key, path, method):
+    key = make_key()
+    ApiKey.objects.filter(prefix=key.split("_")[1]).update(revoked_at=timezone.now())
+    reply = api.client.generic(method, path, **api.meta(key, None))
+    assert (reply.status_code, error_of(reply)["code"]) == (401, "key_revoked")

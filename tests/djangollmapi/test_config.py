@@ -165,6 +165,8 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
         ("[cors]\nmax_age_s = -1\n", "cors.max_age_s", "0 or more"),
         (UPSTREAM + "models = ['m']\nheaders = { X-A = 1 }\n", "upstreams[0].headers.X-A", "one-line string"),
         (UPSTREAM + "models = ['m']\nprices = { m = { in = 1 } }\n", "upstreams[0].prices.m.in", "unknown key"),
+        (UPSTREAM + "models = ['m']\nheaders = ['a']\n", "upstreams[0].headers", "must be a table, got array"),
+        ("[jwt]\na = 1\n", "jwt.a", "unknown key"),  # the typo first, not the keys it hid
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
@@ -181,6 +183,13 @@ def test_unknown_user_in_data_dir_is_a_config_error(clean_env, tmp_path):
     clean_env.delenv("DJANGO_LLM_API_DATA_DIR")
     path = write(tmp_path, "[server]\ndata_dir = '~nosuchuser4242/x'\n")
     with pytest.raises(ConfigError, match=r"server\.data_dir: cannot expand"):
+        load_config(path)
+
+
+def test_a_data_dir_that_is_not_text_is_a_config_error(clean_env, tmp_path):
+    clean_env.delenv("DJANGO_LLM_API_DATA_DIR")  # the environment would win over the file
+    path = write(tmp_path, "[server]\ndata_dir = 5\n")
+    with pytest.raises(ConfigError, match=r"server\.data_dir: must be a string, got int"):
         load_config(path)
 
 

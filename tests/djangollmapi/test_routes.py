@@ -33,6 +33,10 @@ def test_a_deployment_is_a_local_route_with_its_limits():
     assert route_model("quick", CONFIG).max_tokens == 64  # TextGeneration's default cap
 
 
+def test_an_empty_name_is_the_default_model():
+    assert route_model("", CONFIG).name == "local"  # the first deployment, with no default_model set
+
+
 def test_a_providers_model_is_an_upstream_route():
     route = route_model("far", CONFIG)
     assert isinstance(route, UpstreamRoute)

@@ -146,3 +146,40 @@ def test_upstream_embeddings_reserve_nothing_and_never_stream():
 )
 def test_the_param_is_the_errors_location(loc, below, param):
     assert param_of(loc, below) == param
+
+
+def test_with_the_newer_name_given_max_tokens_is_not_read():
+    assert chat(max_completion_tokens=5, max_tokens="anything").reserve_tokens == 5
+    call = forwarded.parse_upstream("chat", {**CHAT, "max_completion_tokens": 5, "max_tokens": 0}, 1024, LIMIT)
+    assert call.reserve_tokens == 5
+
+
+def test_tokenize_reads_no_field_it_does_not_use():
+    assert requests.parse_tokenize({"model": "m", "prompt": "hi", "input": 5}, LIMIT).input_text == "hi"
+    messages_call = requests.parse_tokenize({"model": "m", "messages": CHAT["messages"], "prompt": 5}, LIMIT)
+    assert messages_call.input_text == "user: hi"
+
+
+def test_an_empty_encoding_format_means_floats():
+    assert (
+        requests.parse_embeddings({"model": "m", "input": "x", "encoding_format": ""}, LIMIT).encoding_format == "float"
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, body, param",
+    [
+        ("local", {"n": 2, "stream": "yes"}, "n"),
+        ("local", {"temperature": "hot", "stream": "yes"}, "temperature"),
+        ("local", {"max_tokens": 0, "n": 2}, "max_tokens"),
+        ("upstream", {"messages": "x", "stream": "yes"}, "messages"),
+        ("upstream", {"stream": "yes", "max_tokens": "x"}, "stream"),
+    ],
+)
+def test_of_several_problems_the_one_reported_is_the_one_reported_before(kind, body, param):
+    data = {**CHAT, **body}
+    if kind == "local":
+        error = refusal(lambda: requests.parse_chat(data, ROUTE, LIMIT))
+    else:
+        error = refusal(lambda: forwarded.parse_upstream("chat", data, 1024, LIMIT))
+    assert error.param == param
