@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from apikeys.models import ApiKey
@@ -35,3 +36,16 @@ def wait_until(check: Callable[[], T], timeout_s: float = 20, what: str = "the c
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s:g} s (last: {value!r})")
         time.sleep(0.02)
+
+
+@dataclass
+class CheckedChat:
+    """A checked chat request as a view hands it to the job lifecycle
+    (`llmjobs.lifecycle.JobRequest`), for tests that make jobs in-process."""
+
+    reserve_tokens: int = 8
+    input_text: str = "user: hi"
+    kind: str = "chat"
+
+    def payload(self) -> dict:
+        return {}

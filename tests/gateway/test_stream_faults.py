@@ -5,8 +5,6 @@ the real Redis stream and database, with a terminal event the follower cannot re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from algorithms.base import GenerationRequest
@@ -17,6 +15,7 @@ from llmjobs import events, lifecycle
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
+from tests.helpers import CheckedChat
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,20 +24,10 @@ CALL = GenerationCall(
 )
 
 
-@dataclass
-class Request:
-    kind: str = Job.Kind.CHAT
-    input_text: str = "user: hi"
-    reserve_tokens: int = 8
-
-    def payload(self) -> dict:
-        return {}
-
-
 def job_with_a_broken_ending() -> Job:
     api_key, _ = ApiKey.objects.issue(name="faults")
     ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=8)  # what admission took
-    job = lifecycle.create_job(api_key.id, "words", Request(), queue=device_queue_name("cpu"))
+    job = lifecycle.create_job(api_key.id, "words", CheckedChat(), queue=device_queue_name("cpu"))
     events.emit(str(job.id), "done")  # a `done` without its output
     return job
 

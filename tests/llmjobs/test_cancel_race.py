@@ -3,34 +3,21 @@ worker's last emit and its final write. It keeps its tokens and is charged exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from apikeys.models import ApiKey
 from llmjobs import lifecycle
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
+from tests.helpers import CheckedChat
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@dataclass
-class ChatRequest:
-    """A checked chat request, as a view hands it to the lifecycle."""
-
-    reserve_tokens: int
-    kind: str = Job.Kind.CHAT
-    input_text: str = "a b c"
-
-    def payload(self) -> dict:
-        return {}
 
 
 def running_job(reserve: int) -> Job:
     api_key, _ = ApiKey.objects.issue(name="race", max_tokens_total=100)
     ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserve)  # what the admission reserved
-    job = lifecycle.create_job(api_key.id, "words", ChatRequest(reserve), queue=device_queue_name("cpu"))
+    job = lifecycle.create_job(api_key.id, "words", CheckedChat(reserve, "a b c"), queue=device_queue_name("cpu"))
     assert lifecycle.start(str(job.id), "worker@test")
     return job
 

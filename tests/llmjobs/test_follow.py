@@ -4,8 +4,6 @@ the ending a follower reports, and a follow abandoned before the end cancelling 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from apikeys.models import ApiKey
@@ -14,25 +12,16 @@ from llmjobs import events, lifecycle
 from llmjobs.follow import Done, Failed, Token, follow_job, wait_for_output
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
+from tests.helpers import CheckedChat
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@dataclass
-class Request:
-    reserve_tokens: int = 8
-    kind: str = Job.Kind.CHAT
-    input_text: str = "a b c"
-
-    def payload(self) -> dict:
-        return {}
 
 
 def queued_job() -> Job:
     """A charged, queued job with its reservation taken, as admission leaves one."""
     api_key, _ = ApiKey.objects.issue(name="follow", max_tokens_total=100)
     ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=8)
-    return lifecycle.create_job(api_key.id, "words", Request(), queue=device_queue_name("cpu"))
+    return lifecycle.create_job(api_key.id, "words", CheckedChat(input_text="a b c"), queue=device_queue_name("cpu"))
 
 
 def key_of(job: Job) -> ApiKey:

@@ -4,7 +4,6 @@ answer without usage costs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from djangollmapi.config import parse_config
 from djangollmapi.routes import route_model
 from llmjobs import lifecycle
 from llmjobs.models import Job
+from tests.helpers import CheckedChat
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,25 +34,21 @@ CONFIG = parse_config(
 )
 
 
-@dataclass
-class Request:
-    kind: str = Job.Kind.CHAT
-    input_text: str = "twelve chars"
-    reserve_tokens: int = 20
-
-    def payload(self) -> dict:
-        return {}
-
-
 def charged_key() -> ApiKey:
     api_key, _ = ApiKey.objects.issue(name="lifecycle")
     ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=20)
     return api_key
 
 
+def upstream_job(api_key: ApiKey) -> Job:
+    """A job for the provider's model, running, as `open_upstream` records it."""
+    request = CheckedChat(reserve_tokens=20, input_text="twelve chars")
+    return lifecycle.create_job(api_key.id, "far", request, backend="prov", status=Job.Status.RUNNING)
+
+
 def test_the_recorded_row_is_the_job_it_returns():
     api_key = charged_key()
-    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    job = upstream_job(api_key)
     row = Job.objects.get(id=job.id)
     fields = [f.attname for f in Job._meta.concrete_fields]
     assert {name: getattr(row, name) for name in fields} == {name: getattr(job, name) for name in fields}
@@ -70,7 +66,7 @@ def test_the_recorded_row_is_the_job_it_returns():
 )
 def test_a_providers_refusal_is_refunded_unless_it_is_the_clients_fault(status, refunded):
     api_key = charged_key()
-    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    job = upstream_job(api_key)
     lifecycle.fail_upstream(job, status, "some_code", "refused")
     job.refresh_from_db()
     api_key.refresh_from_db()
@@ -81,7 +77,7 @@ def test_a_providers_refusal_is_refunded_unless_it_is_the_clients_fault(status, 
 def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
     api_key = charged_key()
     route = route_model("far", CONFIG)
-    job = lifecycle.create_job(api_key.id, "far", Request(), backend="prov", status=Job.Status.RUNNING)
+    job = upstream_job(api_key)
     charged = lifecycle.finish_upstream(job, route, "the answer", usage=None, pieces=5)
     assert charged == (3, 5)  # 12 characters at ~4 a token, one token per streamed piece
     job.refresh_from_db()
