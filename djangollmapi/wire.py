@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 from djangollmapi.dotted import dotted_key
@@ -62,10 +62,19 @@ def storable_text(text: str) -> bool:
     return True
 
 
-def storable(text: str) -> str:
+def storable(text: str, at: str = "") -> str:
+    """`text`, or the refusal of one no database column can hold (`at` as in wire_error);
+    each endpoint names it through its messages (`unstorable_text`)."""
     if not storable_text(text):
-        raise wire_error("unstorable_text", f"The parameter '{PARAM}' must be valid Unicode without NUL characters.")
+        message = f"The parameter '{PARAM}' must be valid Unicode without NUL characters."
+        raise wire_error("unstorable_text", message, at)
     return text
+
+
+def over_input_limit(chars: int, info: ValidationInfo) -> int | None:
+    """The `max_input_chars` of the validation context when `chars` is over it."""
+    limit = (info.context or {}).get("max_input_chars")
+    return limit if limit is not None and chars > limit else None
 
 
 StorableStr = Annotated[str, AfterValidator(storable)]

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationInfo, field_validator
 
-from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, wire_error
+from djangollmapi.wire import PARAM, StorableStr, WireModel, over_input_limit, parse_body, wire_error
 from llmjobs.models import Job
 
 # pydantic's error types (and the shared text check), as `/api/` has always named them.
@@ -27,8 +27,8 @@ class RunBody(WireModel):
     @field_validator("text")
     @classmethod
     def within_the_size_limit(cls, text: str, info: ValidationInfo) -> str:
-        limit = (info.context or {}).get("max_input_chars")
-        if limit is not None and len(text) > limit:
+        limit = over_input_limit(len(text), info)
+        if limit is not None:
             raise wire_error("text_too_long", f"The field '{PARAM}' is longer than {limit} characters.")
         return text
 

@@ -42,16 +42,15 @@ def as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def valid_name(value: Any) -> Any:
-    if isinstance(value, str) and not NAME_PATTERN.match(value):
-        raise invalid(f"{value!r} is not a valid name")
-    return value
+def name_check(what: str) -> BeforeValidator:
+    """A name clients or the operator use: letters, digits and `._:/-`, up to 100."""
 
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not NAME_PATTERN.match(value):
+            raise invalid(f"{value!r} is not a valid {what}")
+        return value
 
-def valid_model_name(value: Any) -> Any:
-    if isinstance(value, str) and not NAME_PATTERN.match(value):
-        raise invalid(f"{value!r} is not a valid model name")
-    return value
+    return BeforeValidator(check)
 
 
 def zero_means_unset(value: Any) -> Any:
@@ -62,8 +61,8 @@ Array = Annotated[tuple[T, ...], BeforeValidator(as_tuple)]
 Positive = Annotated[int, Field(gt=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
-Name = Annotated[str, BeforeValidator(valid_name)]
-ModelName = Annotated[str, BeforeValidator(valid_model_name)]
+Name = Annotated[str, name_check("name")]
+ModelName = Annotated[str, name_check("model name")]
 
 
 def expand_path(value: str) -> Path:

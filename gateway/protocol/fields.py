@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from algorithms.base import GenerationRequest
-from djangollmapi.wire import PARAM, StorableStr, WireModel, storable_text, wire_error
+from djangollmapi.wire import PARAM, StorableStr, WireModel, over_input_limit, storable, wire_error
 
 if TYPE_CHECKING:
     from djangollmapi.routes import LocalRoute
@@ -41,12 +41,6 @@ MESSAGES = {
 }
 
 
-def checked(text: str, at: str = "") -> str:
-    if not storable_text(text):
-        raise wire_error("invalid_value", "The parameter '{param}' must be valid Unicode without NUL characters.", at)
-    return text
-
-
 def between(low: float, high: float | None = None) -> AfterValidator:
     """A number (or integer) in [low, high]; finite, so nan and inf are refused too."""
 
@@ -63,8 +57,8 @@ def between(low: float, high: float | None = None) -> AfterValidator:
 
 
 def input_too_long(chars: int, info: ValidationInfo, param: str = "") -> None:
-    limit = (info.context or {}).get("max_input_chars")
-    if limit is not None and chars > limit:
+    limit = over_input_limit(chars, info)
+    if limit is not None:
         raise wire_error("input_too_long", f"The input is longer than {limit} characters.", param)
 
 
@@ -80,14 +74,14 @@ def message_text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return checked(content)
+        return storable(content)
     if not isinstance(content, list):
         raise wire_error("invalid_type", f"'{PARAM}' must be a string or an array of text parts.")
     texts = []
     for index, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise wire_error("unsupported_content", "Only text content parts are supported.", f"[{index}]")
-        texts.append(checked(part["text"], f"[{index}]"))
+        texts.append(storable(part["text"], f"[{index}]"))
     return "".join(texts)
 
 
@@ -130,7 +124,7 @@ def one_prompt(value: Any) -> Any:
         value = value[0]
     if not isinstance(value, str):
         raise wire_error("invalid_type", f"'{PARAM}' must be a string.")
-    return checked(value)
+    return storable(value)
 
 
 Prompt = Annotated[str, BeforeValidator(one_prompt)]
@@ -145,7 +139,7 @@ def stop_strings(value: Any) -> Any:
         raise wire_error("invalid_type", f"'{PARAM}' must be a non-empty string or an array of them.")
     if len(stops) > MAX_STOP_SEQUENCES:
         raise wire_error("invalid_value", f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.")
-    return tuple(checked(stop) for stop in stops)
+    return tuple(storable(stop) for stop in stops)
 
 
 class TokenLimits(WireModel):

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ValidationInfo
 
-from djangollmapi.wire import PARAM, parse_body, wire_error
-from gateway.protocol.fields import MESSAGES, GenerationOptions, TokenLimits, checked, input_too_long
+from djangollmapi.wire import PARAM, parse_body, storable, wire_error
+from gateway.protocol.fields import MESSAGES, GenerationOptions, TokenLimits, input_too_long
 from llmjobs.models import Job
 
 UPSTREAM_INPUTS = {Job.Kind.CHAT: "messages", Job.Kind.COMPLETION: "prompt", Job.Kind.EMBEDDINGS: "input"}
@@ -26,7 +26,7 @@ def provider_input(value: Any, info: ValidationInfo) -> Any:
     elif not isinstance(value, (str, list)) or not value:
         raise wire_error("invalid_type", f"'{PARAM}' must be a string or a non-empty array.")
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    input_too_long(len(checked(text)), info)
+    input_too_long(len(storable(text)), info)
     return text
 
 

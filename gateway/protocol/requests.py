@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from algorithms.base import GenerationRequest
-from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, wire_error
+from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, storable, wire_error
 from gateway.protocol.fields import (
     ENCODING_FORMATS,
     MAX_EMBEDDING_INPUTS,
@@ -25,7 +25,6 @@ from gateway.protocol.fields import (
     Messages,
     Prompt,
     SamplingBody,
-    checked,
     input_too_long,
     transcript,
 )
@@ -137,7 +136,7 @@ def embedding_inputs(value: Any) -> Any:
     for index, text in enumerate(texts):
         if not text:
             raise wire_error("invalid_value", "An input must not be empty.", f"[{index}]")
-        checked(text, f"[{index}]")
+        storable(text, f"[{index}]")
     return tuple(texts)
 
 
