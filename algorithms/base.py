@@ -138,6 +138,45 @@ class SupportsGenerate(Protocol):
         """
 
 
+class GenerationSession(Protocol):
+    """A continuous batch of generation requests (what `start_batch` returns), driven
+    by the device's worker thread alone, one call at a time."""
+
+    def __len__(self) -> int:
+        """How many requests are decoding."""
+
+    def add(self, joiners: Sequence[tuple[GenerationRequest, Emit]]) -> list[tuple[int, Completion | None]]:
+        """Prefill each ``(request, emit)`` (together, in one pass where the model can)
+        and emit its first piece; they decode with the others from the next
+        :meth:`step`. Returns a handle per joiner, in order, each with its completion if
+        that first token already ended it."""
+
+    def step(self) -> list[tuple[int, Completion]]:
+        """Make one more token for every request; return those that ended (they have
+        left the batch). Each keeps ``generate``'s contract: its pieces go to its own
+        ``emit``, and an ``emit`` answering False ends that request alone."""
+
+    def remove(self, handle: int) -> Completion | None:
+        """End one request now (its deadline passed) with what it made so far."""
+
+
+@runtime_checkable
+class SupportsBatchGeneration(Protocol):
+    """Optional: continuous batching. Requests join and leave between decode steps, so
+    a device serves many chats at once (up to the deployment's ``max_batch``)."""
+
+    def start_batch(self) -> GenerationSession:
+        """A new, empty batch on the model this instance keeps resident."""
+
+
+@runtime_checkable
+class SupportsRunBatch(Protocol):
+    """Optional: answer several ``POST /api/`` texts in one call (one forward pass)."""
+
+    def run_batch(self, inputs: Sequence[str]) -> list[str | dict]:
+        """Return one answer per input, in order, each as ``run`` would."""
+
+
 @runtime_checkable
 class SupportsEmbed(Protocol):
     """Optional: compute embeddings for ``/v1/embeddings``."""

@@ -11,11 +11,14 @@ from algorithms.base import (
     Completion,
     Emit,
     GenerationRequest,
+    GenerationSession,
+    SupportsBatchGeneration,
     SupportsComplete,
     SupportsCountTokens,
     SupportsCountTokensBatch,
     SupportsEmbed,
     SupportsGenerate,
+    SupportsRunBatch,
     SupportsTokenize,
 )
 
@@ -31,6 +34,11 @@ class Capabilities:
     tokenize: Callable[[GenerationRequest], list[int]] | None = None
     count_tokens: Callable[[str], int] | None = None
     count_tokens_batch: Callable[[Sequence[str]], int] | None = None
+    start_batch: Callable[[], GenerationSession] | None = None
+    run_batch: Callable[[Sequence[str]], list[Any]] | None = None
+    # Jobs in flight at once when the deployment does not say (`max_batch`): the
+    # class's `default_max_batch`, else 1, the seed's one job at a time.
+    default_max_batch: int = 1
 
     def token_counter(self) -> Callable[[str], int]:
         """The plug-in's `count_tokens`, or whitespace words when it has none."""
@@ -44,10 +52,15 @@ OPTIONAL = {
     "tokenize": SupportsTokenize,
     "count_tokens": SupportsCountTokens,
     "count_tokens_batch": SupportsCountTokensBatch,
+    "start_batch": SupportsBatchGeneration,
+    "run_batch": SupportsRunBatch,
 }
 
 
 def capabilities_of(algorithm: Any) -> Capabilities:
     """The methods of `algorithm` that the worker may call, found by presence."""
     found = {name: getattr(algorithm, name) for name, protocol in OPTIONAL.items() if isinstance(algorithm, protocol)}
-    return Capabilities(run=algorithm.run, **found)
+    default_max_batch = getattr(algorithm, "default_max_batch", 1)
+    if not isinstance(default_max_batch, int) or default_max_batch < 1:
+        default_max_batch = 1
+    return Capabilities(run=algorithm.run, default_max_batch=default_max_batch, **found)

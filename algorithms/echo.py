@@ -56,7 +56,7 @@ class Echo:
     def run(self, input_text: str) -> str:
         """Sleep ``delay_ms``, then return ``prefix + input_text``."""
         if self.delay_seconds:
-            time.sleep(self.delay_seconds)
+            busy(self.delay_seconds)
         return f"{self.prefix}{input_text}"
 
     def generate(self, request: GenerationRequest, emit: Emit) -> Completion:
@@ -69,7 +69,7 @@ class Echo:
         limit = min(request.max_tokens, self.max_new_tokens)
         stream = StreamedText(emit, request.stop)
         if self.delay_seconds:
-            time.sleep(self.delay_seconds)
+            busy(self.delay_seconds)
         produced = 0
         for word in self._word_steps(words, limit):
             if self.token_delay_seconds:
@@ -112,3 +112,12 @@ def _prompt_text(request: GenerationRequest) -> str:
     if request.messages is None:
         return request.prompt or ""
     return "\n".join(m["content"] for m in request.messages)
+
+
+def busy(seconds: float, slice_s: float = 0.05) -> None:
+    """Stand in for device work: sleep in short slices, as a model's forward pass
+    returns to Python between kernels, so a soft time limit raised in the device
+    thread lands within a slice."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, slice_s))

@@ -43,6 +43,10 @@ class SentenceEmbedding:
       float32 whatever the weights' dtype.
     """
 
+    # Concurrent /v1/embeddings requests merged into one call, up to this many inputs,
+    # unless the deployment sets `max_batch`.
+    default_max_batch = 32
+
     def __init__(
         self,
         device: str = "cpu",

@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils.cache import patch_cache_control
+from django.utils.html import format_html, format_html_join
 
 from apikeys import keys, services
 from apikeys.models import ApiKey
@@ -16,7 +17,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ("name", "prefix", "owner_email", "window", "calls", "tokens", "key_status", "last_used_at")
     list_filter = ("revoked_at",)
     search_fields = ("name", "prefix", "owner_email", "note", "jwt_subject")
-    readonly_fields = ("prefix", "created_at", "calls_used", "tokens_used", "revoked_at", "last_used_at")
+    readonly_fields = (
+        "prefix",
+        "created_at",
+        "calls_used",
+        "tokens_used",
+        "revoked_at",
+        "last_used_at",
+        "usage_by_day",
+    )
     fields = (
         "name",
         "owner_email",
@@ -26,13 +35,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "max_calls",
         "max_tokens_total",
         "allowed_models",
+        "weight",
         "jwt_subject",
-        "prefix",
-        "created_at",
-        "calls_used",
-        "tokens_used",
-        "revoked_at",
-        "last_used_at",
+        *readonly_fields,
     )
     actions = ("revoke", "reset_calls")
 
@@ -49,6 +54,34 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.display(description="tokens used / max")
     def tokens(self, obj: ApiKey) -> str:
         return f"{obj.tokens_used} / {'∞' if obj.max_tokens_total is None else obj.max_tokens_total}"
+
+    @admin.display(description="usage, last 30 days")
+    def usage_by_day(self, obj: ApiKey) -> str:
+        """Calls, tokens, spend and device-seconds per day: what to bill, GPU time included."""
+        from llmjobs.selectors import usage_by_day
+
+        days = usage_by_day(obj.id)[-30:] if obj.pk else []
+        if not days:
+            return "no calls yet"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    day["day"],
+                    day["calls"],
+                    (day["prompt_tokens"] or 0) + (day["completion_tokens"] or 0),
+                    "" if day["cost_usd"] is None else f"{day['cost_usd']:.4f}",
+                    "" if day["device_s"] is None else f"{day['device_s']:.3f}",
+                )
+                for day in reversed(days)
+            ),
+        )
+        return format_html(
+            "<table><tr><th>day</th><th>calls</th><th>tokens</th><th>spend (USD)</th><th>device-seconds</th></tr>"
+            "{}</table>",
+            rows,
+        )
 
     @admin.display(description="status")
     def key_status(self, obj: ApiKey) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -42,6 +43,11 @@ class ApiKey(models.Model):
     )
     tokens_used = models.BigIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    weight = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1)],
+        help_text="Share of a busy device: a key of weight 2 gets two slots for each one of weight 1.",
+    )
     jwt_subject = models.CharField(
         max_length=255,
         unique=True,

@@ -21,6 +21,7 @@ class ConsumedCall(NamedTuple):
 
     key_id: int
     allowed_models: list[str]
+    weight: int = 1  # its share of a busy device (the worker's fair admission)
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -34,7 +35,7 @@ UPDATE {ApiKey._meta.db_table}
    AND (valid_until IS NULL OR valid_until > %s)
    AND (max_calls IS NULL OR calls_used < max_calls)
    AND (max_tokens_total IS NULL OR tokens_used + %s <= max_tokens_total)
-RETURNING id, allowed_models
+RETURNING id, allowed_models, weight
 """
 
 
@@ -51,8 +52,9 @@ def consume_call(presented: PresentedKey, reserve_tokens: int = 0) -> ConsumedCa
     for _attempt in range(CONSUME_ATTEMPTS):
         row = try_consume(presented, reserve_tokens, needed)
         if row is not None:
-            key_id, allowed = row
-            return ConsumedCall(key_id, json.loads(allowed) if isinstance(allowed, str) else list(allowed or []))
+            key_id, allowed, weight = row
+            models = json.loads(allowed) if isinstance(allowed, str) else list(allowed or [])
+            return ConsumedCall(key_id, models, weight)
         reason = selectors.rejection_reason(presented, needed)
         if reason.code != "key_busy":
             raise reason
@@ -72,18 +74,18 @@ def try_consume(presented: PresentedKey, reserve_tokens: int, needed: int) -> tu
         return cursor.fetchone()
 
 
-def take_call(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> int:
+def take_call(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> ConsumedCall:
     """Admission: the key, its window, one call and `reserve_tokens` of its budget in
-    consume_call's single UPDATE, then the key's model list; the key's id. It runs
+    consume_call's single UPDATE, then the key's model list. It runs
     inside the transaction that records the call's job, so a refusal raised here (a
     forbidden model included) rolls the UPDATE back with it: a refused call costs
-    nothing and needs no refund."""
+    nothing and needs no refund. Returns the call: the key's id and its weight."""
     if not connection.in_atomic_block:
         raise RuntimeError("take_call must run inside the transaction that records the job")
     call = consume_call(presented, reserve_tokens)
     if not call.may_use(model):
         raise ApiError(403, "model_not_allowed", f"This API key may not use the model {model!r}.", param="model")
-    return call.key_id
+    return call
 
 
 def refund_call(key_id: int) -> None:

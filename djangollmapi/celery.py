@@ -24,12 +24,13 @@ def configure(app: Celery) -> None:
         worker_send_task_events=False,
         task_time_limit=worker.time_limit_s,
         task_soft_time_limit=worker.soft_time_limit_s,
-        # Above the hard limit: an unacked job is redelivered only if its worker died.
+        # Above the hard limit: an unacked job is redelivered only if its worker died
+        # (a live worker that held it longer drops the duplicate; its supervisor puts a
+        # dead process's messages back at once).
         broker_transport_options={"visibility_timeout": worker.visibility_timeout_s},
         broker_connection_timeout=2,
         broker_connection_retry_on_startup=True,
         task_publish_retry=False,
-        worker_proc_alive_timeout=worker.load_timeout_s,
     )
 
 

@@ -29,7 +29,7 @@ from gateway.protocol.responses import (
     response_id,
     sse_event,
 )
-from llmjobs import lifecycle
+from llmjobs import lifecycle, selectors
 from llmjobs.follow import Done, Failed, Idle, Token, follow_job
 from llmjobs.models import Job
 
@@ -98,7 +98,7 @@ def generation_stream(
                 if isinstance(event, Token):
                     yield sse_event(shape.chunk(header, event.text, None, call.include_usage))
                 elif isinstance(event, Idle):
-                    yield SSE_KEEPALIVE
+                    yield queued_comment(job) if event.waiting else SSE_KEEPALIVE
                 elif isinstance(event, Done):
                     yield from finish_chunks(call, header, event.output, note)
                     return
@@ -111,6 +111,17 @@ def generation_stream(
         lifecycle.fail(job.id, "internal_error", "The stream failed.")
         note["outcome"] = "internal_error"
         yield error_event(500, "internal_error", "The server failed while streaming the answer.")
+
+
+def queued_comment(job: Job) -> bytes:
+    """An SSE comment for a client whose job waits for a slot: where it stands (from
+    Redis alone; a plain keep-alive once it runs)."""
+    place = selectors.held_place(job)
+    if place is None:
+        return SSE_KEEPALIVE
+    position, eta = place
+    eta_text = "" if eta is None else f" eta_s={eta:g}"
+    return f": queued position={position}{eta_text}\n\n".encode()
 
 
 def stream_error(error: ApiError, note: dict) -> bytes:

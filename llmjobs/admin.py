@@ -9,7 +9,18 @@ from llmjobs.models import Job
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "model", "status", "api_key", "queue_wait", "run_time", "worker", "refunded")
+    list_display = (
+        "created_at",
+        "model",
+        "status",
+        "api_key",
+        "queue_wait",
+        "run_time",
+        "device_s",
+        "batch_size",
+        "worker",
+        "refunded",
+    )
     list_filter = ("status", "model", "backend", "refunded")
     search_fields = ("id", "api_key__prefix", "api_key__name", "error_code")
     date_hierarchy = "created_at"

@@ -47,6 +47,10 @@ def heartbeat_key(queue: str) -> str:
     return f"dla:worker:{queue}"
 
 
+def device_state_key(queue: str) -> str:
+    return f"dla:held:{queue}"
+
+
 def emit(job_id: str, event: str, **data: Any) -> None:
     """Append an event; the stream expires on its own an hour after the last one."""
     key = stream_key(job_id)
@@ -67,6 +71,24 @@ def publish_token(job_id: str, text: str | None, first: bool = False) -> bool:
             pipe.expire(key, STREAM_TTL_S)
     pipe.exists(cancel_key(job_id))
     return bool(pipe.execute()[-1])
+
+
+def publish_step(pieces: list[tuple[str, str | None, bool]], jobs: list[str]) -> set[str]:
+    """A whole decode step's tokens in one round trip: append each `(job id, text,
+    first)` piece (text None: nothing to stream) and tell which of `jobs` were
+    cancelled meanwhile. One round trip per step instead of one per job and token."""
+    pipe = redis_client().pipeline(transaction=False)
+    for job_id, text, first in pieces:
+        if text is not None:
+            key = stream_key(job_id)
+            pipe.xadd(key, {"event": "token", "data": json.dumps({"text": text})})
+            if first:
+                pipe.expire(key, STREAM_TTL_S)
+    for job_id in jobs:
+        pipe.exists(cancel_key(job_id))
+    results = pipe.execute()
+    flags = results[len(results) - len(jobs) :] if jobs else []
+    return {job_id for job_id, flag in zip(jobs, flags, strict=True) if flag}
 
 
 def decoded(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -99,12 +121,15 @@ def is_cancelled(job_id: str) -> bool:
 
 
 def queue_state(queue: str) -> tuple[bool, int]:
-    """(a worker is alive on the queue, messages waiting in it) in one round trip.
-    Celery's Redis transport keeps a queue as a list named after it."""
+    """(a worker is alive on the queue, jobs waiting for it) in one round trip: the
+    messages still in the queue (Celery's Redis transport keeps it as a list named
+    after it) and the jobs its worker holds waiting for a slot (its published state)."""
     pipe = redis_client().pipeline(transaction=False)
     pipe.exists(heartbeat_key(queue))
     pipe.llen(queue)
-    alive, depth = pipe.execute()
+    pipe.get(device_state_key(queue))
+    alive, listed, state = pipe.execute()
+    depth = listed + (json.loads(state).get("waiting", 0) if state else 0)
     return bool(alive), int(depth)
 
 
@@ -118,4 +143,16 @@ def beat(queue: str, ttl_s: float) -> None:
 
 
 def clear_heartbeat(queue: str) -> None:
-    redis_client().delete(heartbeat_key(queue))
+    redis_client().delete(heartbeat_key(queue), device_state_key(queue))
+
+
+def publish_device_state(queue: str, state: dict, ttl_s: float) -> None:
+    """What the device's worker holds: per deployment, the waiting jobs in the order
+    they will run, how many run, and how long a job takes lately (for positions and
+    ETAs, and the queue's depth for backpressure)."""
+    redis_client().set(device_state_key(queue), json.dumps(state), px=int(ttl_s * 1000))
+
+
+def device_state(queue: str) -> dict | None:
+    raw = redis_client().get(device_state_key(queue))
+    return json.loads(raw) if raw else None

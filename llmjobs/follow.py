@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PLAIN_READ_SLICE_MS = 5000  # a dead connection surfaces within this, not never
 STREAM_READ_SLICE_MS = 1000  # a client that left is seen within this, even while queued
 IDLE_S = 15.0
+WAITING_IDLE_S = 2.0  # before the first event: how often a stream hears it still waits
 ERROR_STATUS = {
     "job_timeout": 504,
     "broker_unavailable": 503,
@@ -49,7 +50,10 @@ class Token:
 
 @dataclass(frozen=True)
 class Idle:
-    pass
+    """Nothing happened for a while. `waiting`: nothing at all yet (the job may still
+    be queued), so a stream can tell its client where it stands."""
+
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,9 +108,10 @@ def job_events(job: Job, timeout_s: float, client_gone: Callable[[], bool] | Non
             return
         entries = events.read_events(str(job.id), last_id, min(int(remaining * 1000), slice_ms))
         if not entries:
-            if client_gone is not None and time.monotonic() - quiet_since >= IDLE_S:
+            waiting = last_id == "0-0"
+            if client_gone is not None and time.monotonic() - quiet_since >= (WAITING_IDLE_S if waiting else IDLE_S):
                 quiet_since = time.monotonic()
-                yield Idle()
+                yield Idle(waiting)
             continue
         quiet_since, last_id = time.monotonic(), entries[-1][0]
         pieces, ending = [], None

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -74,6 +75,21 @@ class Outcome:
     completion_tokens: int | None = None
     cancelled: bool = False
     store_output: bool = True
+    device: DeviceUse | None = None
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """What a local job took of its device: seconds (its share of each step it was
+    in), the most jobs it shared a step with, and when the device was done with it
+    (its row's `finished_at`, however late the row is written)."""
+
+    seconds: float
+    batch_size: int
+    ended_at: datetime
+
+    def columns(self) -> dict[str, Any]:
+        return {"device_s": round(self.seconds, 6), "batch_size": self.batch_size, "finished_at": self.ended_at}
 
 
 # --- created and sent ---------------------------------------------------------
@@ -83,9 +99,9 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
     """Take the call and record the job in one transaction, then queue it to its
     device; a failed enqueue fails and refunds it (503)."""
     with transaction.atomic():
-        key_id = take_call(presented, route.name, request.reserve_tokens)
-        job = create_job(key_id, route.name, request, queue=device_queue_name(route.deployment.device))
-    enqueue(job, route, request.payload())
+        call = take_call(presented, route.name, request.reserve_tokens)
+        job = create_job(call.key_id, route.name, request, queue=device_queue_name(route.deployment.device))
+    enqueue(job, route, request.payload(), weight=call.weight)
     return job
 
 
@@ -94,8 +110,8 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
     (the web process forwards it: the provider is the device); the database
     connection goes back to the pool for the provider's answer."""
     with transaction.atomic():
-        key_id = take_call(presented, route.name, request.reserve_tokens)
-        job = create_job(key_id, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
+        call = take_call(presented, route.name, request.reserve_tokens)
+        job = create_job(call.key_id, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
     release_db_connection()
     return job
 
@@ -131,7 +147,7 @@ def create_job(
     return job
 
 
-def enqueue(job: Job, route: LocalRoute, payload: Any) -> None:
+def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
     """Send the job to its device's queue, or fail it fast (503) when no worker serves
     that queue, it is full, or the broker is down: never leave a client hanging."""
     try:
@@ -146,6 +162,8 @@ def enqueue(job: Job, route: LocalRoute, payload: Any) -> None:
         celery_app.send_task(
             RUN_TASK,
             args=(str(job.id), job.model, job.kind, payload),
+            # who asks, for the worker's fair admission across keys
+            kwargs={"key": job.api_key_id, "weight": weight, "sent": job.created_at.timestamp()},
             task_id=str(job.id),
             queue=job.queue,
             soft_time_limit=soft_limit,
@@ -190,21 +208,23 @@ def complete(job_id: str, outcome: Outcome) -> None:
     client that has its answer finds the row and charge already done. A job whose
     client left just after its last token (cancelled between that token and this
     write) keeps the tokens it made and is charged exactly them."""
+    prompt, completion, device = outcome.prompt_tokens, outcome.completion_tokens, outcome.device
     if outcome.cancelled:
-        record_cancelled(job_id, outcome.prompt_tokens or 0, outcome.completion_tokens or 0)
+        record_cancelled(job_id, prompt or 0, completion or 0, device=device)
         events.emit(job_id, "error", code="cancelled", message=CANCELLED_MESSAGE)
         return
     json.dumps(outcome.result)  # it travels and is stored as JSON: refuse anything else here
-    prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
-    if not finish(job_id, outcome.stored, prompt, completion, store_output=outcome.store_output):
-        record_cancelled(job_id, prompt or 0, completion or 0)
+    if not finish(job_id, outcome.stored, prompt, completion, store_output=outcome.store_output, device=device):
+        record_cancelled(job_id, prompt or 0, completion or 0, device=device)
     events.emit(job_id, "done", output=outcome.result)
 
 
-def fail_in_worker(job_id: str, code: str, message: str, *, only_running: bool = False) -> bool:
+def fail_in_worker(
+    job_id: str, code: str, message: str, *, only_running: bool = False, device: DeviceUse | None = None
+) -> bool:
     """Fail (and refund) a job the worker could not finish, and tell its follower;
     nothing when it had ended already, e.g. its waiting request timed it out first."""
-    failed = fail(job_id, code, message, only_running=only_running)
+    failed = fail(job_id, code, message, only_running=only_running, device=device)
     if failed:
         events.emit(job_id, "error", code=code, message=message)
     return failed
@@ -221,6 +241,7 @@ def finish(
     *,
     store_output: bool = True,
     cost_usd: float | None = None,
+    device: DeviceUse | None = None,
 ) -> bool:
     """Record success and settle the key's tokens, in one transaction of two raw
     statements (every call pays this): the job's conditional UPDATE ... RETURNING, then
@@ -230,13 +251,15 @@ def finish(
     store = settings.LLM_CONFIG.server.store_payloads and store_output
     values = {
         "status": Job.Status.SUCCEEDED,
-        "finished_at": timezone.now(),
+        "finished_at": device.ended_at if device else timezone.now(),
         "output": output if store else None,
         "output_chars": len(output) if isinstance(output, str) else len(str(output)),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cost_usd": None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
         "tokens_settled": True,
+        "device_s": round(device.seconds, 6) if device else None,
+        "batch_size": device.batch_size if device else None,
     }
     params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
     with transaction.atomic(), connection.cursor() as cursor:
@@ -254,14 +277,23 @@ def finish(
     return True
 
 
-def fail(job_id: Any, code: str, message: str, *, refund: bool = True, only_running: bool = False) -> bool:
+def fail(
+    job_id: Any,
+    code: str,
+    message: str,
+    *,
+    refund: bool = True,
+    only_running: bool = False,
+    device: DeviceUse | None = None,
+) -> bool:
     """Mark an active job failed and, unless `refund` is False (the client's own
     fault), give its call back, in one transaction: nobody sees a failed job whose
     call is not yet refunded. Its reservation is released either way."""
     statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
     with transaction.atomic():
+        ending = {"finished_at": timezone.now(), **(device.columns() if device else {})}
         updated = Job.objects.filter(id=job_id, status__in=statuses).update(
-            status=Job.Status.FAILED, finished_at=timezone.now(), error_code=code, error_message=message
+            status=Job.Status.FAILED, error_code=code, error_message=message, **ending
         )
         if updated:
             settle_job_tokens(job_id, 0)
@@ -295,15 +327,15 @@ def cancel(job_id: Any) -> bool:
     )
 
 
-def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int) -> bool:
+def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, device: DeviceUse | None = None) -> bool:
     """The job stopped because it was cancelled: keep what it produced on the row and
     charge exactly that. A job that failed meanwhile stays failed and uncharged."""
     with transaction.atomic():
         updated = Job.objects.filter(id=job_id, status__in=[Job.Status.RUNNING, Job.Status.CANCELLED]).update(
             status=Job.Status.CANCELLED,
-            finished_at=timezone.now(),
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            **{"finished_at": timezone.now(), **(device.columns() if device else {})},
         )
         if updated:
             settle_job_tokens(job_id, prompt_tokens + completion_tokens)

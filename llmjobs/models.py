@@ -53,6 +53,10 @@ class Job(models.Model):
     tokens_settled = models.BooleanField(default=False)
     # Upstream calls with a configured price: what the provider will bill, in USD.
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    # Local jobs: the device-seconds the job used (its share of every step it was in)
+    # and the most jobs it shared a step with, so GPU time can be billed or capped.
+    device_s = models.FloatField(null=True, blank=True)
+    batch_size = models.PositiveSmallIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -26,7 +26,8 @@ def job_columns(job: Job) -> list[tuple[str, Any]]:
 FINISH_SQL = f"""
 UPDATE {Job._meta.db_table}
    SET status = %s, finished_at = %s, output = %s, output_chars = %s,
-       prompt_tokens = %s, completion_tokens = %s, cost_usd = %s, tokens_settled = %s
+       prompt_tokens = %s, completion_tokens = %s, cost_usd = %s, tokens_settled = %s,
+       device_s = %s, batch_size = %s
  WHERE id = %s AND status IN (%s, %s)
 RETURNING api_key_id, tokens_reserved
 """

@@ -6,6 +6,7 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDate
 
 from djangollmapi.errors import ApiError
+from llmjobs import events
 from llmjobs.models import Job
 
 
@@ -20,7 +21,51 @@ def job_for_key(job_id: str, key_id: int) -> Job:
 
 def queue_position(job: Job) -> int:
     """How many jobs on the same device queue are ahead of this one (0 = next)."""
-    return Job.objects.filter(queue=job.queue, status__in=Job.ACTIVE, created_at__lt=job.created_at).count()
+    return queue_place(job)[0]
+
+
+def queue_place(job: Job) -> tuple[int, float | None]:
+    """Where a queued job stands: how many jobs go before it (0 = next), in the order
+    the device's fair admission will run them, and in how many seconds a slot should
+    be its, from the deployment's recent job times (None until one is measured). A
+    job its worker does not hold yet waits behind all that it holds."""
+    deployment = deployment_state(job)
+    place = held_place(job, deployment)
+    if place is not None:
+        return place
+    sent_before = Job.objects.filter(queue=job.queue, status=Job.Status.QUEUED, created_at__lt=job.created_at)
+    position = max(sent_before.count(), len(deployment["waiting"]) if deployment else 0)
+    return position, eta_s(position, deployment)
+
+
+def held_place(job: Job, deployment: dict | None = None) -> tuple[int, float | None] | None:
+    """The job's place among those its worker holds waiting (one Redis read, no
+    database), or None when it is not one of them (running, ended, or not held yet)."""
+    deployment = deployment_state(job) if deployment is None else deployment
+    waiting = deployment["waiting"] if deployment else []
+    job_id = str(job.id)
+    if job_id not in waiting:
+        return None
+    position = waiting.index(job_id)
+    return position, eta_s(position, deployment)
+
+
+def deployment_state(job: Job) -> dict | None:
+    """What the job's device worker last published about the job's deployment."""
+    state = events.device_state(job.queue) or {}
+    return state.get("deployments", {}).get(job.model)
+
+
+def eta_s(position: int, deployment: dict | None) -> float | None:
+    """Slots free at `max_batch / job_s` per second once all are busy: the job at
+    `position` gets the (position - free + 1)th one."""
+    if not deployment or not deployment.get("job_s"):
+        return None
+    slots = max(1, deployment["max_batch"])
+    free = max(0, slots - deployment["running"])
+    if position < free:
+        return 0.0
+    return round((position - free + 1) * deployment["job_s"] / slots, 3)
 
 
 def usage_by_day(key_id: int) -> list[dict]:
@@ -36,6 +81,7 @@ def usage_by_day(key_id: int) -> list[dict]:
             prompt_tokens=Sum("prompt_tokens"),
             completion_tokens=Sum("completion_tokens"),
             cost_usd=Sum("cost_usd"),
+            device_s=Sum("device_s"),
         )
         .order_by("day")
     )
@@ -43,6 +89,12 @@ def usage_by_day(key_id: int) -> list[dict]:
 
 
 def day_row(row: dict) -> dict:
-    """JSON-ready: an ISO day, and the spend as a number (None when nothing was priced)."""
-    cost = row["cost_usd"]
-    return {**row, "day": row["day"].isoformat(), "cost_usd": None if cost is None else float(cost)}
+    """JSON-ready: an ISO day, the spend as a number (None when nothing was priced),
+    the device-seconds rounded to the millisecond (None when no local job ran)."""
+    cost, device = row["cost_usd"], row["device_s"]
+    return {
+        **row,
+        "day": row["day"].isoformat(),
+        "cost_usd": None if cost is None else float(cost),
+        "device_s": None if device is None else round(device, 3),
+    }

@@ -69,7 +69,7 @@ def job_body(job: Job) -> dict:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
     if job.status == Job.Status.QUEUED:
-        body["queue_position"] = selectors.queue_position(job)
+        body["queue_position"], body["eta_s"] = selectors.queue_place(job)
     if job.status == Job.Status.SUCCEEDED:
         body["result"] = {"message": job.output}
     if job.status == Job.Status.FAILED:

@@ -90,9 +90,12 @@ class WorkerConfig(Section):
     # Hard limit for one job in the worker; the visibility timeout is set above it.
     time_limit_s: PositiveSeconds = 600.0
     heartbeat_s: Annotated[float, Field(ge=MIN_HEARTBEAT_S)] = 2.0
-    # How long a (re)started pool process may take to load its models before Celery
-    # gives up on it; Celery's own 4 s would kill a GPU model's load in a loop.
+    # Ignored: it bounded a prefork pool process's start, and the worker has none now
+    # (its supervisor restarts the whole process). Kept so older files still load.
     load_timeout_s: PositiveSeconds = 300.0
+    # Jobs the device's worker holds at once, running and waiting (Celery's prefetch):
+    # the window in which its fair admission across keys sees who is waiting.
+    max_held: Annotated[int, Field(ge=1, le=4096)] = 128
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -117,6 +120,9 @@ class Deployment(Section):
     device: str = "cpu"
     options: dict[str, Any] = Field(default_factory=dict)
     timeout_s: Annotated[PositiveSeconds | None, BeforeValidator(zero_means_unset)] = None
+    # Jobs of this deployment in flight at once on its device: 1 runs them one at a
+    # time; absent means the algorithm's own `default_max_batch` (1 for plug-ins).
+    max_batch: Annotated[int | None, Field(ge=1, le=1024)] = None
 
     @field_validator("device")
     @classmethod

@@ -93,3 +93,13 @@ def test_missing_model_directory_says_how_to_prepare_it(tmp_path):
 def test_max_new_tokens_that_fills_the_context_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="no room for a prompt"):
         TextGeneration(model_path=str(tiny_model_dir), max_new_tokens=256)
+
+
+def test_auto_dtype_follows_native_bfloat16_not_avx512():
+    from algorithms.transformers_lm import cpu_has_native_bfloat16
+
+    assert cpu_has_native_bfloat16("flags\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bfloat16("flags\t: fpu avx512f amx_bf16\n")
+    # AVX-512 without bf16: emulated bfloat16, slower than float32 in batches.
+    plain = "flags\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
+    assert cpu_has_native_bfloat16(plain) is ("AMX" in __import__("torch").backends.cpu.get_cpu_capability())

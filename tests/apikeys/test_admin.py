@@ -11,7 +11,14 @@ pytestmark = pytest.mark.django_db
 def test_add_shows_the_key_once_and_only_in_the_page(admin_client):
     response = admin_client.post(
         "/admin/apikeys/apikey/add/",
-        {"name": "team", "owner_email": "t@example.com", "note": "", "max_calls": "5", "allowed_models": "[]"},
+        {
+            "name": "team",
+            "owner_email": "t@example.com",
+            "note": "",
+            "max_calls": "5",
+            "allowed_models": "[]",
+            "weight": "1",
+        },
     )
     assert response.status_code == 200
     assert "no-store" in response["Cache-Control"]
@@ -37,7 +44,7 @@ def test_editing_a_key_keeps_calls_consumed_meanwhile(admin_client):
     ApiKey.objects.filter(id=api_key.id).update(calls_used=7)  # calls served while the form was open
     admin_client.post(
         f"/admin/apikeys/apikey/{api_key.id}/change/",
-        {"name": "renamed", "owner_email": "", "note": "", "max_calls": "10", "allowed_models": "[]"},
+        {"name": "renamed", "owner_email": "", "note": "", "max_calls": "10", "allowed_models": "[]", "weight": "1"},
     )
     api_key.refresh_from_db()
     assert (api_key.name, api_key.calls_used) == ("renamed", 7)
@@ -75,3 +82,14 @@ def test_allowed_models_must_be_a_list_of_names(admin_client, value):
     assert response.status_code == 200
     assert "Give a list of model names" in response.content.decode()
     assert not ApiKey.objects.exists()
+
+
+def test_a_key_page_shows_its_device_time_per_day(admin_client):
+    from llmjobs.models import Job
+
+    api_key, _ = ApiKey.objects.issue(name="gpu user", weight=2)
+    Job.objects.create(api_key=api_key, model="tiny-gpt2", status=Job.Status.SUCCEEDED, device_s=1.25, batch_size=4)
+    Job.objects.create(api_key=api_key, model="tiny-gpt2", status=Job.Status.SUCCEEDED, device_s=0.5, batch_size=1)
+    page = admin_client.get(f"/admin/apikeys/apikey/{api_key.id}/change/").content.decode()
+    assert "device-seconds" in page and "1.750" in page
+    assert 'name="weight" value="2"' in page

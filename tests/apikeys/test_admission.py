@@ -22,7 +22,7 @@ def issued(**fields) -> tuple[ApiKey, str]:
 def test_a_call_is_taken_with_its_reservation():
     api_key, plaintext = issued(max_calls=2, max_tokens_total=100)
     with transaction.atomic():
-        assert take_call(parse_key(plaintext), "echo", reserve_tokens=30) == api_key.id
+        assert take_call(parse_key(plaintext), "echo", reserve_tokens=30).key_id == api_key.id
     api_key.refresh_from_db()
     assert (api_key.calls_used, api_key.tokens_used) == (1, 30)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from llmjobs import events
 from llmjobs.models import Job
 from tests.helpers import key_row, wait_until
 
@@ -27,7 +28,7 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
-def test_killed_pool_process_fails_and_refunds_its_job(live, key):
+def test_killed_worker_process_fails_and_refunds_its_job(live, key):
     response = live.post("/api/jobs/", key, json={"text": "x", "model": "long-job"})
     job_id = response.json()["job_id"]
     wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.RUNNING).exists())
@@ -40,7 +41,8 @@ def test_killed_pool_process_fails_and_refunds_its_job(live, key):
     assert key_row(key).calls_used == 0
     status = live.get(f"/api/jobs/{job_id}/", key).json()
     assert status["error"]["code"] == "worker_lost"
-    # The worker replaced its pool process; the device serves the next job.
+    # The supervisor started a new worker process; once it is up, the device serves the next job.
+    wait_until(lambda: events.worker_alive("cpu:3"), 60, "the restarted worker")
     again = live.post("/api/jobs/", key, json={"text": "y", "model": "long-job"}).json()["job_id"]
     finished = wait_until(lambda: Job.objects.filter(id=again, status=Job.Status.SUCCEEDED).first())
     assert finished.output == "y"
@@ -60,7 +62,8 @@ def test_job_ignoring_its_soft_limit_is_killed_at_the_hard_limit(live, key):
     job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert (job.error_code, job.refunded) == ("job_time_limit", True)
     assert key_row(key).calls_used == 0
-    # The killed pool process is replaced and the device serves again.
+    # The process that hung is replaced and the device serves again.
+    wait_until(lambda: events.worker_alive("cpu:3"), 60, "the restarted worker")
     again = live.post("/api/", key, json={"text": "z", "model": "sleeper"})
     assert again.status_code == 504  # sleeper itself still outlives its 1 s timeout
     follow = live.post("/api/jobs/", key, json={"text": "ok", "model": "long-job"}).json()["job_id"]

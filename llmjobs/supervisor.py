@@ -1,0 +1,95 @@
+"""`runworker`'s parent: keeps one worker process on the device and cleans up after
+one that dies.
+
+The worker process holds every job of its device at once (running in a batch, or
+waiting for a slot), so when it dies, killed, out of memory, a CUDA crash or a step
+past its hard limit, nothing inside it can report that. This parent, which never
+touches the device, does: the jobs it was running fail `worker_lost`, refunded once
+(`llmjobs.lifecycle`); the ones it held but had not started go back to the queue
+at its head (Celery would redeliver them only after the visibility timeout); then a
+new worker process starts, after a backoff when they keep dying.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+from djangollmapi.celery import app as celery_app
+from djangollmapi.processes import die_with_parent
+from llmjobs import events, lifecycle
+from llmjobs.models import Job
+from llmjobs.runtime import WORKER_LOST_MESSAGE
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+STEADY_S = 60.0  # a process that ran this long was healthy: the next restart is prompt again
+
+
+def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]) -> int:
+    """Run `argv` (the worker process) until told to stop; restart it whenever it dies."""
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    backoff = 0.0
+    while True:
+        began = time.monotonic()
+        child = subprocess.Popen(argv, preexec_fn=die_with_parent)
+        status = child.wait()
+        if stopping:
+            return status
+        failed, requeued = recover(node, queue)
+        steady = time.monotonic() - began > STEADY_S
+        backoff = FIRST_BACKOFF_S if steady or not backoff else min(backoff * 2, MAX_BACKOFF_S)
+        say(
+            f"worker process for {queue} exited with status {status}: {failed} running job(s) failed,"
+            f" {requeued} held message(s) back in the queue; restarting in {backoff:g} s"
+        )
+        time.sleep(backoff)
+        if stopping:
+            return status
+
+
+def recover(node: str, queue: str) -> tuple[int, int]:
+    """After the worker process `node` died: fail what it ran, requeue what it held."""
+    events.clear_heartbeat(queue)
+    failed = fail_running_jobs(node)
+    return failed, requeue_held_jobs(queue)
+
+
+def fail_running_jobs(node: str) -> int:
+    running = Job.objects.filter(status=Job.Status.RUNNING, worker=node, backend="local").values_list("id", flat=True)
+    return sum(
+        lifecycle.fail_in_worker(str(job_id), "worker_lost", WORKER_LOST_MESSAGE, only_running=True)
+        for job_id in list(running)
+    )
+
+
+def requeue_held_jobs(queue: str) -> int:
+    """Put the queue's unacknowledged messages (held by the dead process) back at the
+    head of the queue, through kombu's own restore. A message whose job already ended
+    is dropped by the worker when it comes back (its claim fails)."""
+    restored = 0
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            _message, _exchange, routing_key = json.loads(raw)
+            if routing_key == queue:
+                channel.qos.restore_by_tag(tag, client=client, leftmost=True)
+                restored += 1
+    return restored
