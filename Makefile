@@ -8,7 +8,7 @@ PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-fast lint format bench bench-streaming bench-gateway clean
+.PHONY: install run test test-fast lint format bench bench-streaming bench-gateway bench-batching clean
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-streaming: install
 # Installs LiteLLM into bench/.venv-litellm on first use (git ignores it).
 bench-gateway: install
 	$(PY) bench/gateway_overhead.py
+
+bench-batching: install
+	$(PY) bench/batching.py
 
 clean:
 	rm -rf $(VENV) .pytest-data

@@ -160,7 +160,7 @@ class Stack:
         self.web_workers, self.web_threads = workers, threads
         say(f"starting gunicorn gthread {workers}x{threads} on {self.base_url}")
         shape = {"host": "127.0.0.1", "port": self.port, "web_workers": workers, "web_threads": threads}
-        argv = processes.gunicorn_argv(ServerConfig(data_dir=self.tmp).model_copy(update=shape))
+        argv = processes.gunicorn_argv(ServerConfig(data_dir=str(self.tmp)).model_copy(update=shape))
         self.children.append(("web", processes.spawn(argv, env=self.env, log_path=self.logs / "web.log")))
 
     def restart_web(self, workers: int, threads: int) -> None:
