@@ -62,6 +62,26 @@ def storable_text(text: str) -> bool:
     return True
 
 
+def storable_copy(value: Any) -> Any:
+    """`value` with every string made storable (NUL and lone surrogates become U+FFFD):
+    for what a model produced, which no request check has seen. Its client gets the
+    exact output; the row keeps this faithful copy."""
+    if isinstance(value, str):
+        if storable_text(value):
+            return value
+        # Through UTF-16, a lone surrogate decodes as U+FFFD (UTF-8 would make it "?").
+        text = value.replace("\x00", REPLACEMENT)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {key: storable_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable_copy(item) for item in value]
+    return value
+
+
+REPLACEMENT = "\ufffd"
+
+
 def storable(text: str, at: str = "") -> str:
     """`text`, or the refusal of one no database column can hold (`at` as in wire_error);
     each endpoint names it through its messages (`unstorable_text`)."""

@@ -40,6 +40,7 @@ from apikeys.services import refund_call, settle_tokens, take_call
 from djangollmapi.celery import app as celery_app
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import LocalRoute, UpstreamRoute
+from djangollmapi.wire import storable_copy
 from llmjobs import events, rows
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
@@ -252,7 +253,7 @@ def finish(
     values = {
         "status": Job.Status.SUCCEEDED,
         "finished_at": device.ended_at if device else timezone.now(),
-        "output": output if store else None,
+        "output": storable_copy(output) if store else None,
         "output_chars": len(output) if isinstance(output, str) else len(str(output)),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -105,6 +105,9 @@ def execute_job(
         record_ending(ticket)
     finally:
         loop.release(ticket)
+        # Each held job has its own task thread: none may keep a pooled PostgreSQL
+        # connection while it idles, or `max_held` threads would drain the pool.
+        lifecycle.release_db_connection()
 
 
 def record_ending(ticket: Ticket) -> None:

@@ -84,3 +84,15 @@ def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
     api_key.refresh_from_db()
     assert (job.prompt_tokens, job.completion_tokens, float(job.cost_usd)) == (3, 5, (3 * 1.0 + 5 * 2.0) / 1e6)
     assert api_key.tokens_used == 8  # the reservation replaced by what was charged
+
+
+def test_an_output_no_column_can_hold_is_stored_as_a_faithful_copy():
+    api_key = charged_key()
+    job = lifecycle.create_job(
+        api_key.id, "echo", CheckedChat(reserve_tokens=0, input_text="x"), status=Job.Status.RUNNING
+    )
+    made = {"text": "a\x00b\ud800c", "parts": ["\x00"]}  # a model's bytes: NUL, a lone surrogate
+    assert lifecycle.finish(job.id, made, 1, 3)
+    row = Job.objects.get(id=job.id)
+    assert row.status == Job.Status.SUCCEEDED
+    assert row.output == {"text": "a\ufffdb\ufffdc", "parts": ["\ufffd"]}
