@@ -44,6 +44,7 @@ from llmjobs import events, lifecycle
 from llmjobs.fairness import FairQueue
 from llmjobs.jobkinds import (
     MemberEmit,
+    ModelUnavailable,
     StepPublisher,
     UnsupportedOperation,
     generation_outcome,
@@ -350,9 +351,15 @@ def _fail_all(group: list[Ticket], code: str, message: str) -> None:
 class DeviceLoop:
     """The device's one thread of model work, fed by the task threads."""
 
-    def __init__(self, device: str, build: Callable[[str], Capabilities], max_batch_of: Callable[[str], int | None]):
+    def __init__(
+        self,
+        device: str,
+        build: Callable[[str], Capabilities],
+        max_batch_of: Callable[[str], int | None],
+        models: Callable[[], dict[str, dict[str, Any]]] = dict,
+    ) -> None:
         self.device = device
-        self.build, self.max_batch_of = build, max_batch_of
+        self.build, self.max_batch_of, self.models = build, max_batch_of, models
         self.inbox: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self.engines: dict[str, Engine] = {}
         self.current: Step | None = None
@@ -419,7 +426,11 @@ class DeviceLoop:
                 {"waiting": [], "running": 0, "max_batch": self.max_batch_of(ticket.model) or 1, "job_s": None},
             )
             entry["waiting"].append(ticket.job_id)
-        state = {"waiting": sum(len(d["waiting"]) for d in deployments.values()), "deployments": deployments}
+        state = {
+            "waiting": sum(len(d["waiting"]) for d in deployments.values()),
+            "deployments": deployments,
+            "models": self.models(),
+        }
         try:
             events.publish_device_state(device_queue_name(self.device), state, ttl_s=STATE_TTL_S)
         except Exception:
@@ -442,8 +453,12 @@ class DeviceLoop:
         if engine is None:
             try:
                 engine = self._engine_for(ticket.model)
+            except ModelUnavailable as exc:
+                if self.admit(ticket):
+                    ticket.fail("model_unavailable", f"The model {ticket.model!r} failed to load: {exc}")
+                return
             except Exception:
-                log.exception("loading %s failed; its job %s fails", ticket.model, ticket.job_id)
+                log.exception("setting up %s failed; its job %s fails", ticket.model, ticket.job_id)
                 if self.admit(ticket):
                     ticket.fail("job_failed", JOB_FAILED_MESSAGE)
                 return

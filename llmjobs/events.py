@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -120,22 +121,33 @@ def is_cancelled(job_id: str) -> bool:
     return bool(redis_client().exists(cancel_key(job_id)))
 
 
-def queue_state(queue: str) -> tuple[bool, int]:
-    """(a worker is alive on the queue, jobs waiting for it) in one round trip: the
-    messages still in the queue (Celery's Redis transport keeps it as a list named
-    after it) and the jobs its worker holds waiting for a slot (its published state)."""
+@dataclass(frozen=True)
+class QueueState:
+    """A device queue as the web tier sees it: whether a worker serves it, how many jobs
+    wait for it, and its deployments' model load states (`loaded`, `failed` with the
+    reason, `not_loaded`), as its worker last published them."""
+
+    alive: bool
+    depth: int
+    models: dict[str, dict[str, Any]]
+
+
+def queue_state(queue: str) -> QueueState:
+    """The queue's state in one round trip: the heartbeat, the messages still in the
+    queue (Celery's Redis transport keeps it as a list named after it) and what its
+    worker published (the jobs it holds waiting for a slot, its models)."""
     pipe = redis_client().pipeline(transaction=False)
     pipe.exists(heartbeat_key(queue))
     pipe.llen(queue)
     pipe.get(device_state_key(queue))
-    alive, listed, state = pipe.execute()
-    depth = listed + (json.loads(state).get("waiting", 0) if state else 0)
-    return bool(alive), int(depth)
+    alive, listed, raw = pipe.execute()
+    state = json.loads(raw) if raw else {}
+    return QueueState(bool(alive), int(listed) + state.get("waiting", 0), state.get("models", {}))
 
 
 def worker_alive(device: str) -> bool:
     """Whether a worker serves the device's queue now (its heartbeat is fresh)."""
-    return queue_state(device_queue_name(device))[0]
+    return queue_state(device_queue_name(device)).alive
 
 
 def beat(queue: str, ttl_s: float) -> None:

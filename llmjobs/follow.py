@@ -38,6 +38,7 @@ ERROR_STATUS = {
     "job_timeout": 504,
     "broker_unavailable": 503,
     "no_worker": 503,
+    "model_unavailable": 503,
     "unsupported_operation": 400,
     "cancelled": 409,
 }

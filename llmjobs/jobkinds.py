@@ -20,6 +20,11 @@ class UnsupportedOperation(Exception):
     """The deployment's algorithm lacks the method this kind of job needs."""
 
 
+class ModelUnavailable(Exception):
+    """The deployment's model failed to load (the reason is the message); its jobs
+    fail at once until the worker tries again."""
+
+
 def run_job_kind(algorithm: Capabilities, job_id: str, kind: str, payload: Any) -> Outcome:
     handler = JOB_KINDS.get(kind)
     if handler is None:

@@ -152,10 +152,13 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
     """Send the job to its device's queue, or fail it fast (503) when no worker serves
     that queue, it is full, or the broker is down: never leave a client hanging."""
     try:
-        alive, depth = events.queue_state(job.queue)
-        if not alive:
+        state = events.queue_state(job.queue)
+        if not state.alive:
             raise ApiError(503, "no_worker", f"No worker is serving the model {job.model!r}; retry later.")
-        if depth >= settings.LLM_CONFIG.server.max_queue_depth:
+        load = state.models.get(job.model, {})
+        if load.get("state") == "failed":
+            raise model_unavailable(job.model, load.get("error", ""))
+        if state.depth >= settings.LLM_CONFIG.server.max_queue_depth:
             raise ApiError(
                 503, "queue_full", "The queue for this model is full; retry later.", headers={"Retry-After": "1"}
             )
@@ -178,6 +181,20 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
         log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
         fail(job.id, "broker_unavailable", "The job queue is unavailable.")
         raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from exc
+
+
+def model_unavailable(model: str, reason: str) -> ApiError:
+    """A deployment whose model failed to load in its worker: 503 with the reason, so
+    its calls neither queue nor wait for a load that will fail again."""
+    return ApiError(
+        503,
+        "model_unavailable",
+        f"The model {model!r} failed to load: {reason}",
+        headers={"Retry-After": str(int(MODEL_RELOAD_AFTER_S))},
+    )
+
+
+MODEL_RELOAD_AFTER_S = 60.0  # a worker tries a failed load again after this long
 
 
 def release_db_connection() -> None:

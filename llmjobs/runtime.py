@@ -9,10 +9,10 @@ its key is `llmjobs.lifecycle`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -22,6 +22,7 @@ from algorithms.capabilities import Capabilities, capabilities_of
 from algorithms.loader import build_algorithm
 from llmjobs import events, lifecycle
 from llmjobs.device import JOB_FAILED_MESSAGE, DeviceLoop, Ticket, Watchdog
+from llmjobs.jobkinds import ModelUnavailable
 from llmjobs.routing import device_queue_name
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,59 @@ _loop: DeviceLoop | None = None
 _loop_lock = threading.Lock()
 
 
-@functools.cache
+_loaded: dict[str, Capabilities] = {}
+_load_failures: dict[str, tuple[float, str]] = {}  # name -> (when, reason)
+_load_lock = threading.Lock()
+
+
 def get_algorithm(name: str) -> Capabilities:
     """Build a deployment's Algorithm once per process (it keeps its model resident)
-    and find what it can do."""
-    deployment = settings.LLM_CONFIG.deployment(name)
-    if deployment is None:
-        raise LookupError(f"no deployment named {name!r}")
-    log.info("loading %s (%s) on %s", name, deployment.algorithm, deployment.device)
-    return capabilities_of(build_algorithm(deployment.algorithm, deployment.device, deployment.options))
+    and find what it can do. A load that fails is remembered with its reason and not
+    tried again for `MODEL_RELOAD_AFTER_S`: its jobs fail at once with
+    `model_unavailable` meanwhile, and a fixed model (say, after `preparemodels`) loads
+    on the next try without a restart."""
+    with _load_lock:
+        if name in _loaded:
+            return _loaded[name]
+        failure = _load_failures.get(name)
+        if failure is not None and time.monotonic() - failure[0] < lifecycle.MODEL_RELOAD_AFTER_S:
+            raise ModelUnavailable(failure[1])
+        deployment = settings.LLM_CONFIG.deployment(name)
+        if deployment is None:
+            raise LookupError(f"no deployment named {name!r}")
+        log.info("loading %s (%s) on %s", name, deployment.algorithm, deployment.device)
+        try:
+            algorithm = capabilities_of(build_algorithm(deployment.algorithm, deployment.device, deployment.options))
+        except Exception as exc:
+            reason = load_failure_reason(exc)
+            _load_failures[name] = (time.monotonic(), reason)
+            log.exception("loading %s failed: %s", name, reason)
+            raise ModelUnavailable(reason) from exc
+        _load_failures.pop(name, None)
+        _loaded[name] = algorithm
+        return algorithm
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """What an operator (and the 503's client) needs: the root error's type and first
+    line (the loader wraps the constructor's error; its cause says what is wrong)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def model_states(device: str) -> dict[str, dict[str, Any]]:
+    """Each deployment of the device: `loaded`, `failed` (with the reason) or `not_loaded`."""
+    states = {}
+    for deployment in settings.LLM_CONFIG.deployments_on(device):
+        if deployment.name in _loaded:
+            states[deployment.name] = {"state": "loaded"}
+        elif deployment.name in _load_failures:
+            states[deployment.name] = {"state": "failed", "error": _load_failures[deployment.name][1]}
+        else:
+            states[deployment.name] = {"state": "not_loaded"}
+    return states
 
 
 def configured_max_batch(name: str) -> int | None:
@@ -57,11 +102,12 @@ def start_device(device: str, preload: bool) -> DeviceLoop:
     global _loop
     with _loop_lock:
         if _loop is None:
-            _loop = DeviceLoop(device, get_algorithm, configured_max_batch)
+            _loop = DeviceLoop(device, get_algorithm, configured_max_batch, lambda: model_states(device))
 
             def before() -> None:
                 if preload:
                     preload_algorithms(device)
+                _loop.publish_state()  # the load states are known before the queue is served
                 start_heartbeat(device)
 
             _loop.start(before)
@@ -145,8 +191,10 @@ def preload_algorithms(device: str) -> None:
     for deployment in settings.LLM_CONFIG.deployments_on(device):
         try:
             get_algorithm(deployment.name)
+        except ModelUnavailable:
+            pass  # logged with its reason; its calls get 503 model_unavailable
         except Exception:
-            log.exception("preloading %s failed; its jobs will fail until fixed", deployment.name)
+            log.exception("preloading %s failed", deployment.name)
 
 
 def start_heartbeat(device: str) -> threading.Thread:

@@ -64,6 +64,9 @@ def served(tmp_path):
     config.write_text(
         f'[server]\ndata_dir = "{tmp_path / "data"}"\nport = {port}\n'
         '[[deployments]]\nname = "echo"\nalgorithm = "algorithms.echo:Echo"\n'
+        # a model never prepared: serve says so at start, its calls get 503 model_unavailable
+        '[[deployments]]\nname = "unprepared"\nalgorithm = "algorithms.transformers_lm:TextGeneration"\n'
+        'options = { model_path = "never-prepared" }\n'
     )
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
     env.update(DJANGO_LLM_API_CONFIG=str(config), DJANGO_SETTINGS_MODULE="djangollmapi.settings", PYTHONUNBUFFERED="1")
@@ -88,6 +91,7 @@ def test_serve_demo_prints_a_working_curl_line_and_stops_cleanly(served):
     output = "\n".join(lines)
     assert "demo key: dla_" in output
     assert "user 'admin'  password " in output
+    assert "model 'unprepared' on cpu failed to load: FileNotFoundError: no model directory" in output
 
     curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
     response = request_from_curl(curl)

@@ -24,6 +24,7 @@ from apikeys.models import ApiKey
 from djangollmapi import processes
 from djangollmapi.config import ServerConfig
 from llmjobs import events
+from llmjobs.routing import device_queue_name
 
 READY_TIMEOUT_S = 300
 
@@ -93,6 +94,7 @@ class Command(BaseCommand):
             if time.monotonic() > deadline:
                 raise CommandError(f"workers not ready after {READY_TIMEOUT_S} s: {', '.join(sorted(pending))}")
             time.sleep(0.2)
+        self.report_failed_models()
         url = f"{base_url}/api/usage/"
         while True:
             self.check_children()
@@ -104,6 +106,14 @@ class Command(BaseCommand):
                 if time.monotonic() > deadline:
                     raise CommandError("the web server did not come up") from None
                 time.sleep(0.2)
+
+    def report_failed_models(self) -> None:
+        """Say at start which models did not load (their calls get 503 model_unavailable)."""
+        for device in settings.LLM_CONFIG.devices:
+            models = events.queue_state(device_queue_name(device)).models
+            for name, load in sorted(models.items()):
+                if load.get("state") == "failed":
+                    self.stderr.write(f"model {name!r} on {device} failed to load: {load.get('error', '')}")
 
     def print_demo(self, base_url: str) -> None:
         password = self.ensure_admin()

@@ -1,0 +1,78 @@
+"""Probes for load balancers and operators, no key needed and nothing secret in them:
+`/healthz` (this process answers) and `/readyz` (the database, Redis, and for each
+deployment whether a worker serves its device and whether its model loaded)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.cache import never_cache
+
+from djangollmapi.errors import error_response
+from llmjobs import events
+from llmjobs.routing import device_queue_name
+
+log = logging.getLogger(__name__)
+
+
+@never_cache
+def healthz(request: HttpRequest) -> JsonResponse:
+    """The process is up and answers (a liveness probe: checks nothing else)."""
+    if request.method not in ("GET", "HEAD"):
+        return method_not_allowed(request)
+    return JsonResponse({"status": "ok"})
+
+
+@never_cache
+def readyz(request: HttpRequest) -> JsonResponse:
+    """200 when the database and Redis answer and every device has a live worker, else
+    503; either way the JSON says which part is not ready, per deployment."""
+    if request.method not in ("GET", "HEAD"):
+        return method_not_allowed(request)
+    checks = {"database": database_ready(), "redis": redis_ready()}
+    deployments = deployment_states() if checks["redis"] else {}
+    ready = all(checks.values()) and all(d["worker"] for d in deployments.values())
+    body = {"status": "ready" if ready else "not_ready", "checks": checks, "deployments": deployments}
+    return JsonResponse(body, status=200 if ready else 503)
+
+
+def method_not_allowed(request: HttpRequest) -> JsonResponse:
+    message = f"Method {request.method} is not allowed here; use GET."
+    return error_response(405, "method_not_allowed", message, headers={"Allow": "GET, HEAD"})
+
+
+def database_ready() -> bool:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True
+    except Exception as exc:
+        log.warning("readyz: the database does not answer: %s", type(exc).__name__)
+        return False
+
+
+def redis_ready() -> bool:
+    try:
+        return bool(events.redis_client().ping())
+    except Exception as exc:
+        log.warning("readyz: Redis does not answer: %s", type(exc).__name__)
+        return False
+
+
+def deployment_states() -> dict[str, dict[str, Any]]:
+    """Each deployment: its device, whether a worker serves it, its model's load state
+    (`loaded`, `failed` with the reason, `not_loaded`, `unknown` without a worker)."""
+    states = {}
+    for device in settings.LLM_CONFIG.devices:
+        queue = events.queue_state(device_queue_name(device))
+        for deployment in settings.LLM_CONFIG.deployments_on(device):
+            load = queue.models.get(deployment.name, {}) if queue.alive else {}
+            entry = {"device": device, "worker": queue.alive, "model": load.get("state", "unknown")}
+            if load.get("error"):
+                entry["error"] = load["error"]
+            states[deployment.name] = entry
+    return states
