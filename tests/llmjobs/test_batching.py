@@ -121,6 +121,9 @@ def test_eight_jobs_run_together_and_each_answers_as_alone(live, key):
     assert max(row.started_at for row in rows) < min(row.finished_at for row in rows)  # all in flight at once
     assert max(row.batch_size for row in rows) > 1
     assert all(0 < row.device_s <= row.run_s + 0.01 for row in rows)
+    # The key's usage says how much device time it took, per day.
+    (today,) = live.get("/api/usage/", key).json()["days"]
+    assert today["device_s"] == pytest.approx(sum(job.device_s for job in key_row(key).jobs.all()), abs=0.01)
 
 
 def test_a_late_joiner_gets_its_first_token_before_the_others_finish(live, key):
