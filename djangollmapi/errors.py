@@ -62,7 +62,10 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JsonResponse:
-    """The single constructor of error bodies."""
+    """The single constructor of error bodies (so it also counts them by code)."""
+    from djangollmapi import metrics  # it imports this module
+
+    metrics.ERRORS.labels(code).inc()
     body = {
         "error": {
             "message": message,

@@ -16,6 +16,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from kombu.exceptions import OperationalError as BrokerError
 
+from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError, error_response
 
 log = logging.getLogger("djangollmapi.errors")
@@ -75,6 +76,10 @@ class RequestLogMiddleware:
             "latency_ms": round((time.monotonic() - started) * 1000, 1),
         }
         request_log.info(json.dumps(line, separators=(",", ":"), default=str))
+        match = getattr(request, "resolver_match", None)
+        route = match.route if match is not None else "unmatched"
+        metrics.REQUESTS.labels(route, str(response.status_code), fields.get("model", "")).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time.monotonic() - started)
 
 
 def logged_when_done(content: Iterable[bytes], write: Callable[[], None]) -> Iterator[bytes]:

@@ -24,6 +24,12 @@ try:
 except OSError as exc:
     raise ConfigError(LLM_CONFIG.source, "server.data_dir", f"cannot create {DATA_DIR} ({exc.strerror})") from exc
 
+# Prometheus metrics of every process of this instance (gunicorn's workers, each device
+# worker) are files here, summed when scraped (djangollmapi.metrics); set before
+# prometheus_client is first imported, and inherited by every child.
+METRICS_DIR = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "metrics")))
+METRICS_DIR.mkdir(exist_ok=True)
+
 
 def read_or_create_secret_key(data_dir: Path) -> str:
     """A stable secret for the embedded profile, so sessions survive restarts."""

@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from djangollmapi import health
+from djangollmapi import health, metrics
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("", include("llmjobs.urls")),
     path("", include("gateway.urls")),

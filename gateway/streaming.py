@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from django.http import HttpRequest, StreamingHttpResponse
+from django.utils import timezone
 
+from djangollmapi import metrics
 from djangollmapi.errors import ApiError
 from gateway.protocol.requests import GenerationCall
 from gateway.protocol.responses import (
@@ -92,10 +94,15 @@ def generation_stream(
         with contextlib.suppress(Exception):
             lifecycle.cancel(job.id)  # the client left before its job was followed
         raise
+    first_token = True
     try:
         with contextlib.closing(follow_job(job, timeout_s, client_gone)) as followed:
             for event in followed:
                 if isinstance(event, Token):
+                    if first_token:
+                        first_token = False
+                        waited = (timezone.now() - job.created_at).total_seconds()
+                        metrics.TIME_TO_FIRST_TOKEN.labels(job.model).observe(waited)
                     yield sse_event(shape.chunk(header, event.text, None, call.include_usage))
                 elif isinstance(event, Idle):
                     yield queued_comment(job) if event.waiting else SSE_KEEPALIVE

@@ -40,6 +40,7 @@ from django.utils import timezone
 
 from algorithms.base import GenerationRequest, GenerationSession
 from algorithms.capabilities import Capabilities
+from djangollmapi import metrics
 from llmjobs import events, lifecycle
 from llmjobs.fairness import FairQueue
 from llmjobs.jobkinds import (
@@ -492,6 +493,8 @@ class DeviceLoop:
             ticket.ended.set()
             return False
         ticket.started = time.monotonic()
+        if ticket.sent is not None:
+            metrics.QUEUE_SECONDS.labels(ticket.model).observe(max(0.0, time.time() - ticket.sent))
         return True
 
     def timed(self, tickets: list[Ticket], run: Callable[[], Any], interruptible: bool = False) -> Any:

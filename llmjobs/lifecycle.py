@@ -37,6 +37,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from apikeys.keys import PresentedKey
 from apikeys.services import refund_call, settle_tokens, take_call
+from djangollmapi import metrics
 from djangollmapi.celery import app as celery_app
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import LocalRoute, UpstreamRoute
@@ -289,10 +290,22 @@ def finish(
         row = cursor.fetchone()
         if row is None:
             return False
-        key_id, reserved = row
+        key_id, reserved, model = row
         if key_id is not None:
             settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
+    count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
+
+
+def count_ending(
+    model: str, status: str, code: str = "", prompt_tokens: int | None = None, completion_tokens: int | None = None
+) -> None:
+    """The metrics of a job that just ended: by model, status and code, and its tokens."""
+    metrics.JOBS.labels(model, status, code).inc()
+    if prompt_tokens:
+        metrics.TOKENS.labels(model, "prompt").inc(prompt_tokens)
+    if completion_tokens:
+        metrics.TOKENS.labels(model, "completion").inc(completion_tokens)
 
 
 def fail(
@@ -317,7 +330,14 @@ def fail(
             settle_job_tokens(job_id, 0)
             if refund:
                 refund_job(job_id)
+    if updated:
+        count_ending(model_of(job_id), Job.Status.FAILED, code)
     return bool(updated)
+
+
+def model_of(job_id: Any) -> str:
+    """A job's model, for the metrics of the endings that do not return it."""
+    return Job.objects.filter(id=job_id).values_list("model", flat=True).first() or ""
 
 
 def time_out(job_id: Any) -> bool:
@@ -357,6 +377,8 @@ def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, de
         )
         if updated:
             settle_job_tokens(job_id, prompt_tokens + completion_tokens)
+    if updated:
+        count_ending(model_of(job_id), Job.Status.CANCELLED, "", prompt_tokens, completion_tokens)
     return bool(updated)
 
 
@@ -401,6 +423,7 @@ def fail_upstream(job: Job, status: int, code: str, message: str) -> None:
     """A provider call that failed; refunded unless the provider refused the client's
     own request (a 4xx that is not about our secret or our limits there)."""
     client_fault = 400 <= status < 500 and status not in PROVIDER_SIDE_4XX
+    metrics.UPSTREAM_ERRORS.labels(job.backend, code).inc()
     fail(job.id, code, message, refund=not client_fault)
 
 

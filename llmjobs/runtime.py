@@ -20,6 +20,7 @@ from django.db import close_old_connections
 
 from algorithms.capabilities import Capabilities, capabilities_of
 from algorithms.loader import build_algorithm
+from djangollmapi import metrics
 from llmjobs import events, lifecycle
 from llmjobs.device import JOB_FAILED_MESSAGE, DeviceLoop, Ticket, Watchdog
 from llmjobs.jobkinds import ModelUnavailable
@@ -159,6 +160,9 @@ def execute_job(
 def record_ending(ticket: Ticket) -> None:
     """Write what the device loop made of the job; an outcome that cannot be recorded
     (not JSON) fails the job instead, so none is left running."""
+    if ticket.started is not None:
+        metrics.RUN_SECONDS.labels(ticket.model).observe(time.monotonic() - ticket.started)
+        metrics.DEVICE_SECONDS.labels(ticket.model).inc(ticket.device_s)
     if ticket.outcome is not None:
         try:
             lifecycle.complete(ticket.job_id, ticket.outcome)

@@ -23,6 +23,7 @@ from django.test import Client
 
 from apikeys.models import ApiKey
 from djangollmapi import processes
+from djangollmapi.metrics import clear_metrics_dir
 from llmjobs import events
 from tests.helpers import wait_until
 
@@ -137,6 +138,7 @@ def live(django_db_setup, django_db_blocker, redis_server, tiny_gpt2_path) -> It
     """The real server: gunicorn (gthread) and one Celery worker per device."""
     constructions = data_dir() / "constructions.log"
     constructions.unlink(missing_ok=True)
+    clear_metrics_dir(settings.METRICS_DIR)  # as serve does: this run's processes only
     with django_db_blocker.unblock():
         workers = {device: start_worker(device) for device in LIVE_DEVICES}
         port = free_port()

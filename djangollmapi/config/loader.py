@@ -24,6 +24,7 @@ from djangollmapi.config.sections import (
     CorsConfig,
     Deployment,
     JwtConfig,
+    MetricsConfig,
     ServerConfig,
     UrlSection,
     WorkerConfig,
@@ -54,6 +55,7 @@ class LLMConfig(Section):
     upstreams: Annotated[tuple[Upstream, ...], BeforeValidator(array_of_tables)] = ()
     cors: CorsConfig = Field(default_factory=CorsConfig)
     jwt: JwtConfig | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     _source: str = PrivateAttr("")
     # Django's settings object asks every value it hands out for `_mask_wrapped`; found
     # on the class, `settings.LLM_CONFIG` stays a plain read (~0.1 µs) instead of

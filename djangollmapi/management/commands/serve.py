@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from apikeys.models import ApiKey
-from djangollmapi import processes
+from djangollmapi import metrics, processes
 from djangollmapi.config import ServerConfig
 from llmjobs import events
 from llmjobs.routing import device_queue_name
@@ -66,6 +66,7 @@ class Command(BaseCommand):
         logs = config.server.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.stdout.write(f"config: {config.source}; data dir: {config.server.data_dir}")
+        metrics.clear_metrics_dir(settings.METRICS_DIR)
         if config.embedded_redis:
             self.stdout.write(f"starting embedded Redis on {config.redis_socket}")
             self.children.append(("redis", processes.start_embedded_redis(config.redis_socket, logs / "redis.log")))
