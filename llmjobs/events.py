@@ -61,23 +61,11 @@ def emit(job_id: str, event: str, **data: Any) -> None:
     pipe.execute()
 
 
-def publish_token(job_id: str, text: str | None, first: bool = False) -> bool:
-    """Append a `token` event (when `text` is given) and tell whether the job was
-    cancelled, in one round trip. The stream's expiry is set with its first event."""
-    pipe = redis_client().pipeline(transaction=False)
-    if text is not None:
-        key = stream_key(job_id)
-        pipe.xadd(key, {"event": "token", "data": json.dumps({"text": text})})
-        if first:
-            pipe.expire(key, STREAM_TTL_S)
-    pipe.exists(cancel_key(job_id))
-    return bool(pipe.execute()[-1])
-
-
 def publish_step(pieces: list[tuple[str, str | None, bool]], jobs: list[str]) -> set[str]:
-    """A whole decode step's tokens in one round trip: append each `(job id, text,
-    first)` piece (text None: nothing to stream) and tell which of `jobs` were
-    cancelled meanwhile. One round trip per step instead of one per job and token."""
+    """Generated pieces in one round trip: append each `(job id, text, first)` piece
+    (text None: nothing to stream; the stream's expiry is set with its first event)
+    and tell which of `jobs` were cancelled meanwhile. A batch sends a whole decode
+    step at once, instead of one round trip per job and token."""
     pipe = redis_client().pipeline(transaction=False)
     for job_id, text, first in pieces:
         if text is not None:
@@ -139,10 +127,9 @@ def queue_state(queue: str) -> QueueState:
     pipe = redis_client().pipeline(transaction=False)
     pipe.exists(heartbeat_key(queue))
     pipe.llen(queue)
-    pipe.get(device_state_key(queue))
-    alive, listed, raw = pipe.execute()
-    state = json.loads(raw) if raw else {}
-    return QueueState(bool(alive), int(listed) + state.get("waiting", 0), state.get("models", {}))
+    pipe.hmget(device_state_key(queue), "waiting", "models")
+    alive, listed, (waiting, models) = pipe.execute()
+    return QueueState(bool(alive), int(listed) + int(waiting or 0), json.loads(models) if models else {})
 
 
 def worker_alive(device: str) -> bool:
@@ -158,13 +145,18 @@ def clear_heartbeat(queue: str) -> None:
     redis_client().delete(heartbeat_key(queue), device_state_key(queue))
 
 
-def publish_device_state(queue: str, state: dict, ttl_s: float) -> None:
-    """What the device's worker holds: per deployment, the waiting jobs in the order
-    they will run, how many run, and how long a job takes lately (for positions and
-    ETAs, and the queue's depth for backpressure)."""
-    redis_client().set(device_state_key(queue), json.dumps(state), px=int(ttl_s * 1000))
+def publish_device_state(queue: str, waiting: int, models: dict, deployments: dict, ttl_s: float) -> None:
+    """What the device's worker holds, as a hash of three fields so that each reader
+    decodes only its part: `waiting` (jobs waiting for a slot: the queue's depth for
+    backpressure, read with every call), `models` (load states, read with every call)
+    and `deployments` (per deployment, the waiting jobs in the order they will run, how
+    many run, how long a job takes lately: for positions and ETAs)."""
+    key = device_state_key(queue)
+    fields = {"waiting": waiting, "models": json.dumps(models), "deployments": json.dumps(deployments)}
+    redis_client().pipeline(transaction=False).hset(key, mapping=fields).pexpire(key, int(ttl_s * 1000)).execute()
 
 
-def device_state(queue: str) -> dict | None:
-    raw = redis_client().get(device_state_key(queue))
-    return json.loads(raw) if raw else None
+def deployment_states(queue: str) -> dict[str, dict]:
+    """The `deployments` part of what the queue's worker last published ({} if none)."""
+    raw = redis_client().hget(device_state_key(queue), "deployments")
+    return json.loads(raw) if raw else {}

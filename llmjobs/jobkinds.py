@@ -54,7 +54,7 @@ def run_generation(algorithm: Capabilities, job_id: str, payload: dict[str, Any]
     made (when a client streams), and the client's disconnect stops generation at the
     next token."""
     request = GenerationRequest.from_payload(payload["request"])
-    publish = TokenPublisher(job_id, stream=bool(payload.get("stream")))
+    publish = StepPublisher().emit_for(job_id, stream=bool(payload.get("stream")), eager=True)
     if algorithm.generate is not None:
         completion = algorithm.generate(request, publish)
     else:
@@ -137,36 +137,19 @@ JOB_KINDS: dict[str, Callable[[Capabilities, str, Any], Outcome]] = {
 }
 
 
-class TokenPublisher:
-    """The `emit` handed to a generation: appends each piece to the job's stream when
-    a client streams, and answers False once the job is cancelled (one Redis round
-    trip per piece, far below a token step)."""
-
-    def __init__(self, job_id: str, stream: bool) -> None:
-        self.job_id, self.stream = job_id, stream
-        self.cancelled = False
-        self.pieces = 0
-
-    def __call__(self, text: str) -> bool:
-        if self.cancelled:
-            return False
-        self.cancelled = events.publish_token(self.job_id, text if self.stream else None, first=self.pieces == 0)
-        self.pieces += 1
-        return not self.cancelled
-
-
 class StepPublisher:
-    """The emits of a continuous batch's members, sent together: each member's pieces
-    are buffered during a step and `flush` sends them all, with the members'
-    cancellation flags, in one Redis round trip. A member whose client left hears it
-    at its next emit, so it leaves the batch within a step of the flag."""
+    """The `emit`s of generations: each piece goes to its job's stream (when its client
+    streams), and each job hears at its next `emit` whether it was cancelled (False:
+    stop). `flush` sends the pieces and reads the flags of all its jobs in one Redis
+    round trip: a continuous batch flushes once per step (a cancelled member leaves
+    within a step of its flag), a lone generation at every piece (`eager`)."""
 
     def __init__(self) -> None:
         self.pieces: list[tuple[str, str | None, bool]] = []
         self.members: dict[str, MemberEmit] = {}
 
-    def emit_for(self, job_id: str, stream: bool) -> MemberEmit:
-        emit = MemberEmit(self, job_id, stream)
+    def emit_for(self, job_id: str, stream: bool, eager: bool = False) -> MemberEmit:
+        emit = MemberEmit(self, job_id, stream, eager)
         self.members[job_id] = emit
         return emit
 
@@ -182,10 +165,11 @@ class StepPublisher:
 
 
 class MemberEmit:
-    """One member's `emit`: buffers its pieces in the step's publisher."""
+    """One job's `emit`: its pieces go through its publisher, flushed at once when
+    `eager`, else with the rest of the step."""
 
-    def __init__(self, publisher: StepPublisher, job_id: str, stream: bool) -> None:
-        self.publisher, self.job_id, self.stream = publisher, job_id, stream
+    def __init__(self, publisher: StepPublisher, job_id: str, stream: bool, eager: bool = False) -> None:
+        self.publisher, self.job_id, self.stream, self.eager = publisher, job_id, stream, eager
         self.cancelled = False
         self.pieces = 0
 
@@ -194,4 +178,6 @@ class MemberEmit:
             return False
         self.publisher.pieces.append((self.job_id, text if self.stream else None, self.pieces == 0))
         self.pieces += 1
-        return True
+        if self.eager:
+            self.publisher.flush()
+        return not self.cancelled

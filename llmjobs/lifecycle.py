@@ -94,6 +94,12 @@ class DeviceUse:
         return {"device_s": round(self.seconds, 6), "batch_size": self.batch_size, "finished_at": self.ended_at}
 
 
+def ending_columns(device: DeviceUse | None) -> dict[str, Any]:
+    """An ended job's `finished_at` (when its device was done with it, else now) and,
+    for a local job, what it took of its device."""
+    return device.columns() if device else {"finished_at": timezone.now()}
+
+
 # --- created and sent ---------------------------------------------------------
 
 
@@ -322,9 +328,8 @@ def fail(
     call is not yet refunded. Its reservation is released either way."""
     statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
     with transaction.atomic():
-        ending = {"finished_at": timezone.now(), **(device.columns() if device else {})}
         updated = Job.objects.filter(id=job_id, status__in=statuses).update(
-            status=Job.Status.FAILED, error_code=code, error_message=message, **ending
+            status=Job.Status.FAILED, error_code=code, error_message=message, **ending_columns(device)
         )
         if updated:
             settle_job_tokens(job_id, 0)
@@ -373,7 +378,7 @@ def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, de
             status=Job.Status.CANCELLED,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            **{"finished_at": timezone.now(), **(device.columns() if device else {})},
+            **ending_columns(device),
         )
         if updated:
             settle_job_tokens(job_id, prompt_tokens + completion_tokens)

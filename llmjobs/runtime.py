@@ -22,7 +22,8 @@ from algorithms.capabilities import Capabilities, capabilities_of
 from algorithms.loader import build_algorithm
 from djangollmapi import metrics
 from llmjobs import events, lifecycle
-from llmjobs.device import JOB_FAILED_MESSAGE, DeviceLoop, Ticket, Watchdog
+from llmjobs.device import DeviceLoop, Watchdog
+from llmjobs.engine import JOB_FAILED_MESSAGE, Ticket
 from llmjobs.jobkinds import ModelUnavailable
 from llmjobs.routing import device_queue_name
 

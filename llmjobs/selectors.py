@@ -52,8 +52,7 @@ def held_place(job: Job, deployment: dict | None = None) -> tuple[int, float | N
 
 def deployment_state(job: Job) -> dict | None:
     """What the job's device worker last published about the job's deployment."""
-    state = events.device_state(job.queue) or {}
-    return state.get("deployments", {}).get(job.model)
+    return events.deployment_states(job.queue).get(job.model)
 
 
 def eta_s(position: int, deployment: dict | None) -> float | None:

@@ -2,7 +2,8 @@
 
 import time
 
-from llmjobs.device import DeviceLoop, Step, Ticket, Watchdog
+from llmjobs.device import DeviceLoop, Step, Watchdog
+from llmjobs.engine import Ticket
 
 
 def test_a_redelivered_message_of_a_held_job_is_not_run_twice():
