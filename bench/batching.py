@@ -49,13 +49,12 @@ from batching_server import measure_chat, measure_embeddings, measure_late_joine
 from batching_tables import aims, print_aims, print_chats, print_embeddings, print_late_joiner, print_raw
 from cpu import wait_for_quiet
 from report import RESULTS_DIR, print_request_errors, result_head, say, write_result
-from stack import Stack, deployment_toml, install_signal_handlers, run_on_stack, server_toml
+from stack import Stack, deployment_toml, install_signal_handlers, prepared_model, run_on_stack, server_toml
 
 # isort: split
 # After `stack`, which puts the project root on sys.path.
 from algorithms.base import GenerationRequest
 from algorithms.loader import build_algorithm
-from algorithms.prepare import is_prepared, prepare_model
 
 GEN_ALGORITHM = "algorithms.transformers_lm:TextGeneration"
 EMBED_ALGORITHM = "algorithms.embeddings:SentenceEmbedding"
@@ -107,15 +106,6 @@ def bench_config_toml(model_dir: Path, max_tokens: int, devices: dict[str, str])
 def max_batch_line(name: str) -> str:
     """Appended to a deployment's table (after its options line, still in that table)."""
     return f"max_batch = {MAX_BATCH[name]}\n"
-
-
-def ensure_model(models_dir: Path) -> Path:
-    """The SmolLM2 directory the workers and this process load; converted once (~30 s)."""
-    path = models_dir / GEN_MODEL_DIR
-    if not is_prepared(path):
-        say(f"preparing {GEN_MODEL_DIR} in {models_dir} (once, ~30 s)")
-        prepare_model(GEN_MODEL_DIR, models_dir, progress=say)
-    return path
 
 
 def parse_args() -> argparse.Namespace:
@@ -236,7 +226,7 @@ def main() -> int:
     args = parse_args()
     install_signal_handlers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub, here or in the workers
-    model_dir = ensure_model(args.models_dir.expanduser().resolve())
+    model_dir = prepared_model(args.models_dir.expanduser().resolve(), GEN_MODEL_DIR)
     devices = placement(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="dla-bench-batching-"))
     toml = bench_config_toml(model_dir, args.max_tokens, devices)

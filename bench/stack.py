@@ -339,6 +339,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prepared_model(models_dir: Path, name: str) -> Path:
+    """A built-in model's folder (`manage.py preparemodels`' name for it) under
+    `models_dir`, converted once if missing (~30 s for SmolLM2)."""
+    from algorithms.prepare import is_prepared, prepare_model
+
+    path = models_dir / name
+    if not is_prepared(path):
+        say(f"preparing {name} in {models_dir} (once, ~30 s)")
+        prepare_model(name, models_dir, progress=say)
+    return path
+
+
 def server_toml(written_by: str, tmp: Path, port: int, **settings: str | int) -> str:
     """The head of every benchmark's config: who wrote it and its [server] table, with
     `settings` (strings quoted) after data_dir, host and port."""

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from report import RESULTS_DIR, result_head, say, write_result
-from stack import Stack, deployment_toml, install_signal_handlers, run_on_stack, server_toml
+from stack import Stack, deployment_toml, install_signal_handlers, prepared_model, run_on_stack, server_toml
 from streaming_idle import IDLE_DEVICE, IDLE_MODEL, OPEN_CONCURRENCY, measure_idle_streams, print_idle
 from streaming_ttft import (
     GEN_ALGORITHM,
@@ -58,7 +58,6 @@ from streaming_ttft import (
 
 # isort: split
 # After `stack`, which puts the project root on sys.path.
-from algorithms.prepare import is_prepared, prepare_model
 
 GEN_MODEL_DIR = "smollm2-135m-instruct"
 DEFAULT_MODELS_DIR = Path("/tmp/bench-stream-data/models")
@@ -91,15 +90,6 @@ def bench_config_toml(models_dir: Path, max_tokens: int, dtype: str) -> Callable
         )
 
     return write
-
-
-def ensure_model(models_dir: Path) -> Path:
-    """The SmolLM2 directory the worker and this process load; converted once (~30 s)."""
-    path = models_dir / GEN_MODEL_DIR
-    if not is_prepared(path):
-        say(f"preparing {GEN_MODEL_DIR} in {models_dir} (once, ~30 s)")
-        prepare_model(GEN_MODEL_DIR, models_dir, progress=say)
-    return path
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -187,7 +177,7 @@ def main() -> int:
     install_signal_handlers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub, here or in the worker
     fd_limit = raise_fd_limit()
-    model_dir = ensure_model(args.models_dir.resolve())
+    model_dir = prepared_model(args.models_dir.resolve(), GEN_MODEL_DIR)
     tmp = Path(tempfile.mkdtemp(prefix="dla-bench-stream-"))
     toml = bench_config_toml(args.models_dir.resolve(), args.max_tokens, args.dtype)
     stack = Stack(args.database, tmp, toml, [GEN_DEVICE, IDLE_DEVICE], *PART1_WEB)

@@ -102,8 +102,8 @@ class DeviceQueues:
         try:
             for device in settings.LLM_CONFIG.devices:
                 queue = events.queue_state(device_queue_name(device))
-                state = events.device_state(device_queue_name(device)) or {}
-                busy = sum(d.get("running", 0) for d in state.get("deployments", {}).values())
+                deployments = events.deployment_states(device_queue_name(device))
+                busy = sum(d.get("running", 0) for d in deployments.values())
                 waiting.add_metric([device], queue.depth)
                 running.add_metric([device], busy)
                 alive.add_metric([device], 1 if queue.alive else 0)
