@@ -4,8 +4,9 @@ one token each per forward pass, and each joins or leaves between two passes.
 Every member keeps its own prompt, limits, stop strings, sampling values and stream;
 only the forward pass is shared. The rows of the key/value cache are left-padded to
 one length (padding masked out, positions counted per row, as `generate` does for a
-padded batch), a joiner's prompt is prefilled on its own and its cache padded into the
-batch, and a member that ends is cut out of every layer at once, freeing its slot.
+padded batch), the joiners of one step are prefilled together (left-padded the same
+way) and their cache padded into the batch's, and a member that ends is cut out of
+every layer at once, freeing its slot.
 
 Why not `generate` on a padded batch: it runs until the slowest member ends, and
 nobody can join. Why not transformers' own continuous-batching manager: measured on
@@ -67,7 +68,7 @@ class Member:
 @dataclass
 class GenerationBatch:
     """The requests one deployment decodes together. Only the device's worker thread
-    calls it: `add` (prefill one joiner), `step` (one token for every member),
+    calls it: `add` (prefill joiners together), `step` (one token for every member),
     `remove` (one leaves now)."""
 
     model: PreTrainedModel

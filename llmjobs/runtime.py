@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 WORKER_LOST_MESSAGE = "The worker running this job died; the job was not completed."
 DEVICE_ENV = "DLA_WORKER_DEVICE"
-PRELOAD_ENV = "DLA_WORKER_PRELOAD"
-NODE_ENV = "DLA_WORKER_NODE"
 
 _loop: DeviceLoop | None = None
 _loop_lock = threading.Lock()

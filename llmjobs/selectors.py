@@ -19,18 +19,13 @@ def job_for_key(job_id: str, key_id: int) -> Job:
     return job
 
 
-def queue_position(job: Job) -> int:
-    """How many jobs on the same device queue are ahead of this one (0 = next)."""
-    return queue_place(job)[0]
-
-
 def queue_place(job: Job) -> tuple[int, float | None]:
     """Where a queued job stands: how many jobs go before it (0 = next), in the order
     the device's fair admission will run them, and in how many seconds a slot should
     be its, from the deployment's recent job times (None until one is measured). A
     job its worker does not hold yet waits behind all that it holds."""
     deployment = deployment_state(job)
-    place = held_place(job, deployment)
+    place = place_among_held(job, deployment)
     if place is not None:
         return place
     sent_before = Job.objects.filter(queue=job.queue, status=Job.Status.QUEUED, created_at__lt=job.created_at)
@@ -38,10 +33,13 @@ def queue_place(job: Job) -> tuple[int, float | None]:
     return position, eta_s(position, deployment)
 
 
-def held_place(job: Job, deployment: dict | None = None) -> tuple[int, float | None] | None:
+def held_place(job: Job) -> tuple[int, float | None] | None:
     """The job's place among those its worker holds waiting (one Redis read, no
     database), or None when it is not one of them (running, ended, or not held yet)."""
-    deployment = deployment_state(job) if deployment is None else deployment
+    return place_among_held(job, deployment_state(job))
+
+
+def place_among_held(job: Job, deployment: dict | None) -> tuple[int, float | None] | None:
     waiting = deployment["waiting"] if deployment else []
     job_id = str(job.id)
     if job_id not in waiting:

@@ -13,7 +13,6 @@ new worker process starts, after a backoff when they keep dying.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import time
@@ -24,8 +23,6 @@ from djangollmapi.processes import die_with_parent
 from llmjobs import events, lifecycle
 from llmjobs.models import Job
 from llmjobs.runtime import WORKER_LOST_MESSAGE
-
-log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0

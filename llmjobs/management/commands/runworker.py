@@ -85,7 +85,6 @@ class Command(BaseCommand):
 
     def run_worker_process(self, device: str, preload: bool, loglevel: str, node: str) -> None:
         os.environ[runtime.DEVICE_ENV] = device
-        os.environ[runtime.NODE_ENV] = node
         runtime.start_device(device, preload)
         celery_app.worker_main(worker_argv(device, loglevel, node))
 
