@@ -19,6 +19,12 @@ class ApiKeyManager(models.Manager):
         return api_key, credentials.plaintext
 
 
+# Written only by `apikeys.services` (atomic updates as calls are taken, settled,
+# refunded, keys revoked), never by saving a loaded row: a form opened before a call
+# would write its stale counts back.
+COUNTERS = frozenset({"calls_used", "tokens_used", "revoked_at", "last_used_at"})
+
+
 class ApiKey(models.Model):
     name = models.CharField(max_length=200)
     owner_email = models.EmailField(blank=True)
@@ -64,6 +70,19 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix})"
+
+    def save(self, *args, **kwargs) -> None:
+        """Saving an existing key writes what it was given, never its counters: a full
+        save (no `update_fields`) writes every other column, and counters named in
+        `update_fields` are dropped from it."""
+        if not self._state.adding:
+            fields = kwargs.get("update_fields")
+            if fields is None:
+                fields = [field.name for field in self._meta.concrete_fields if not field.primary_key]
+            kwargs["update_fields"] = [name for name in fields if name not in COUNTERS]
+            if not kwargs["update_fields"]:
+                return
+        super().save(*args, **kwargs)
 
     def clean(self) -> None:
         """A list of names, nothing else: a bare string would match by substring."""

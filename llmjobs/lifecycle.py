@@ -42,7 +42,7 @@ from djangollmapi.celery import app as celery_app
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
-from llmjobs import events, rows
+from llmjobs import events, rollups, rows
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
 
@@ -296,9 +296,19 @@ def finish(
         row = cursor.fetchone()
         if row is None:
             return False
-        key_id, reserved, model = row
+        key_id, reserved, model, created_at, input_chars = row
         if key_id is not None:
             settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
+        counts = rollups.ended(
+            Job.Status.SUCCEEDED,
+            input_chars=input_chars,
+            output_chars=values["output_chars"],
+            prompt_tokens=prompt_tokens or 0,
+            completion_tokens=completion_tokens or 0,
+            cost_usd=values["cost_usd"] or Decimal(0),
+            device_s=values["device_s"] or 0.0,
+        )
+        rollups.add(key_id, model, created_at, counts)
     count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
@@ -327,22 +337,38 @@ def fail(
     fault), give its call back, in one transaction: nobody sees a failed job whose
     call is not yet refunded. Its reservation is released either way."""
     statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
+    columns = ending_columns(device)
     with transaction.atomic():
         updated = Job.objects.filter(id=job_id, status__in=statuses).update(
-            status=Job.Status.FAILED, error_code=code, error_message=message, **ending_columns(device)
+            status=Job.Status.FAILED, error_code=code, error_message=message, **columns
         )
-        if updated:
-            settle_job_tokens(job_id, 0)
-            if refund:
-                refund_job(job_id)
-    if updated:
-        count_ending(model_of(job_id), Job.Status.FAILED, code)
-    return bool(updated)
+        if not updated:
+            return False
+        job = ended_job(job_id)
+        settle_job_tokens(job_id, 0)
+        refunded = refund and refund_job(job_id)
+        counts = rollups.ended(
+            Job.Status.FAILED, refunded=refunded, input_chars=job.input_chars, device_s=columns.get("device_s", 0.0)
+        )
+        rollups.add(job.api_key_id, job.model, job.created_at, counts)
+    count_ending(job.model, Job.Status.FAILED, code)
+    return True
 
 
-def model_of(job_id: Any) -> str:
-    """A job's model, for the metrics of the endings that do not return it."""
-    return Job.objects.filter(id=job_id).values_list("model", flat=True).first() or ""
+@dataclass(frozen=True)
+class EndedJob:
+    """What the rollups and the metrics need of a job an ORM update just ended."""
+
+    api_key_id: int | None
+    model: str
+    created_at: datetime
+    input_chars: int
+
+
+def ended_job(job_id: Any) -> EndedJob:
+    return EndedJob(
+        *Job.objects.filter(id=job_id).values_list("api_key_id", "model", "created_at", "input_chars").get()
+    )
 
 
 def time_out(job_id: Any) -> bool:
@@ -364,27 +390,42 @@ def cancel(job_id: Any) -> bool:
     with transaction.atomic():
         if Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(status=Job.Status.CANCELLED, finished_at=now):
             settle_job_tokens(job_id, 0)
-            return True
-    return bool(
-        Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(status=Job.Status.CANCELLED, finished_at=now)
-    )
+        elif not Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(
+            status=Job.Status.CANCELLED, finished_at=now
+        ):
+            return False
+        job = ended_job(job_id)
+        rollups.add(
+            job.api_key_id, job.model, job.created_at, rollups.ended(Job.Status.CANCELLED, input_chars=job.input_chars)
+        )
+    return True
 
 
 def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, device: DeviceUse | None = None) -> bool:
     """The job stopped because it was cancelled: keep what it produced on the row and
-    charge exactly that. A job that failed meanwhile stays failed and uncharged."""
+    charge exactly that, once. A job that failed meanwhile stays failed and uncharged.
+    A job still `running` ends here; one `cancel` ended already only gets its tokens."""
+    columns = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, **ending_columns(device)}
     with transaction.atomic():
-        updated = Job.objects.filter(id=job_id, status__in=[Job.Status.RUNNING, Job.Status.CANCELLED]).update(
-            status=Job.Status.CANCELLED,
+        running = Job.objects.filter(id=job_id, status=Job.Status.RUNNING)
+        ends_now = bool(running.update(status=Job.Status.CANCELLED, **columns))
+        if not ends_now:
+            cancelled = Job.objects.filter(id=job_id, status=Job.Status.CANCELLED, tokens_settled=False)
+            if not cancelled.update(**columns):
+                return False
+        job = ended_job(job_id)
+        settle_job_tokens(job_id, prompt_tokens + completion_tokens)
+        counts = rollups.Counts(
+            requests=int(ends_now),
+            cancelled=int(ends_now),
+            input_chars=job.input_chars if ends_now else 0,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            **ending_columns(device),
+            device_s=columns.get("device_s", 0.0),
         )
-        if updated:
-            settle_job_tokens(job_id, prompt_tokens + completion_tokens)
-    if updated:
-        count_ending(model_of(job_id), Job.Status.CANCELLED, "", prompt_tokens, completion_tokens)
-    return bool(updated)
+        rollups.add(job.api_key_id, job.model, job.created_at, counts)
+    count_ending(job.model, Job.Status.CANCELLED, "", prompt_tokens, completion_tokens)
+    return True
 
 
 def settle_job_tokens(job_id: Any, used: int) -> bool:

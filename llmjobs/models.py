@@ -83,3 +83,42 @@ class Job(models.Model):
         if not (self.started_at and self.finished_at):
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+class UsageDay(models.Model):
+    """One key's use of one model on one calendar day ([limits] timezone): what the
+    console and `/api/usage/` read, so they stay fast with millions of jobs. Kept by
+    `llmjobs.lifecycle` in the transaction that ends each job (`llmjobs.rollups`),
+    counted on the day the call was made; it outlives the Job rows (`prunejobs`)."""
+
+    day = models.DateField()
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="usage_days")
+    model = models.CharField(max_length=100)
+    requests = models.PositiveIntegerField(default=0)  # ended calls, refunded ones included
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    refunded = models.PositiveIntegerField(default=0)
+    input_chars = models.PositiveBigIntegerField(default=0)
+    output_chars = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=8, default=0)
+    device_s = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["-day"]
+        constraints = [models.UniqueConstraint(fields=["day", "api_key", "model"], name="usage_day_key_model")]
+        indexes = [models.Index(fields=["day"])]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} key {self.api_key_id}"
+
+    @property
+    def calls(self) -> int:
+        """What the key was charged: its calls less the refunded ones."""
+        return self.requests - self.refunded
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

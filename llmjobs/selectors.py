@@ -1,9 +1,7 @@
-"""Read queries on jobs: a key's own job, queue position, usage per day."""
+"""Read queries on jobs: a key's own job, its place in the queue (usage per day is
+`llmjobs.usage`)."""
 
 from __future__ import annotations
-
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import TruncDate
 
 from djangollmapi.errors import ApiError
 from llmjobs import events
@@ -63,35 +61,3 @@ def eta_s(position: int, deployment: dict | None) -> float | None:
     if position < free:
         return 0.0
     return round((position - free + 1) * deployment["job_s"] / slots, 3)
-
-
-def usage_by_day(key_id: int) -> list[dict]:
-    rows = (
-        Job.objects.filter(api_key_id=key_id)
-        .annotate(day=TruncDate("created_at"))
-        .values("day")
-        .annotate(
-            requests=Count("id"),
-            calls=Count("id", filter=Q(refunded=False)),
-            input_chars=Sum("input_chars"),
-            output_chars=Sum("output_chars"),
-            prompt_tokens=Sum("prompt_tokens"),
-            completion_tokens=Sum("completion_tokens"),
-            cost_usd=Sum("cost_usd"),
-            device_s=Sum("device_s"),
-        )
-        .order_by("day")
-    )
-    return [day_row(row) for row in rows]
-
-
-def day_row(row: dict) -> dict:
-    """JSON-ready: an ISO day, the spend as a number (None when nothing was priced),
-    the device-seconds rounded to the millisecond (None when no local job ran)."""
-    cost, device = row["cost_usd"], row["device_s"]
-    return {
-        **row,
-        "day": row["day"].isoformat(),
-        "cost_usd": None if cost is None else float(cost),
-        "device_s": None if device is None else round(device, 3),
-    }

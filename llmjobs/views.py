@@ -13,7 +13,7 @@ from apikeys.authentication import key_errors_first
 from apikeys.views import CallView, KeyView
 from djangollmapi.middleware import note_job
 from djangollmapi.routes import LocalRoute, route_local_model
-from llmjobs import lifecycle, selectors
+from llmjobs import lifecycle, selectors, usage
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from llmjobs.validation import parse_run_request
@@ -97,6 +97,6 @@ class UsageView(KeyView):
                     "valid_from": api_key.valid_from.isoformat() if api_key.valid_from else None,
                     "valid_until": api_key.valid_until.isoformat() if api_key.valid_until else None,
                 },
-                "days": selectors.usage_by_day(api_key.id),
+                "days": usage.usage_by_day(api_key.id),
             }
         )

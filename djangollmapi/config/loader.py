@@ -24,6 +24,7 @@ from djangollmapi.config.sections import (
     CorsConfig,
     Deployment,
     JwtConfig,
+    LimitsConfig,
     MetricsConfig,
     ServerConfig,
     UrlSection,
@@ -56,6 +57,7 @@ class LLMConfig(Section):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     jwt: JwtConfig | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     _source: str = PrivateAttr("")
     # Django's settings object asks every value it hands out for `_mask_wrapped`; found
     # on the class, `settings.LLM_CONFIG` stays a plain read (~0.1 µs) instead of

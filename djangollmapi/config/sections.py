@@ -1,10 +1,11 @@
 """The tables of the config file, each a strict model: `[server]`, `[worker]`,
-`[[deployments]]`, `[cors]`, `[jwt]`, `[database]` and `[redis]`."""
+`[[deployments]]`, `[limits]`, `[metrics]`, `[cors]`, `[jwt]`, `[database]` and `[redis]`."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -54,6 +55,9 @@ class ServerConfig(Section):
     job_timeout_s: PositiveSeconds = 120.0
     max_queue_depth: Positive = 1000
     store_payloads: bool = True
+    # The daily usage rollups the console and /api/usage/ read (llmjobs.rollups), kept
+    # as calls end; false stops them (the charts stay empty), e.g. to measure their cost.
+    usage_rollups: bool = True
     # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.
     https: bool = False
     hsts_seconds: Annotated[int, Field(ge=0)] = 0
@@ -171,6 +175,8 @@ class MetricsConfig(Section):
 
     token: str = ""
     allow: Array[str] = ()
+    # false: no process counts anything (the metrics are no-ops) and /metrics is 404.
+    enabled: bool = True
 
     @field_validator("allow")
     @classmethod
@@ -181,6 +187,26 @@ class MetricsConfig(Section):
             except ValueError:
                 raise invalid(f"{entry!r} is not an IP address or network like 10.0.0.0/8") from None
         return allow
+
+
+class LimitsConfig(Section):
+    """`[limits]`: the calendar that usage is counted in: the days of the daily rollups
+    (the console, `/api/usage/`) begin at midnight in `timezone` (an IANA name)."""
+
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise invalid(f"{value!r} is not a time zone like 'UTC' or 'Europe/Berlin'") from None
+        return value
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
 
 
 class CorsConfig(Section):

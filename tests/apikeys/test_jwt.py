@@ -390,7 +390,7 @@ def test_a_token_without_jwt_configured_is_an_invalid_key(settings):
 
 
 def test_the_admin_links_a_subject_and_leaves_others_unlinked(admin_client):
-    form = {"owner_email": "", "note": "", "max_calls": "", "allowed_models": "[]", "weight": "1"}
+    form = {"owner_email": "", "note": "", "max_calls": "", "weight": "1"}
     admin_client.post("/admin/apikeys/apikey/add/", {**form, "name": "alice", "jwt_subject": "alice@issuer.test"})
     admin_client.post("/admin/apikeys/apikey/add/", {**form, "name": "bob", "jwt_subject": ""})
     admin_client.post("/admin/apikeys/apikey/add/", {**form, "name": "carol", "jwt_subject": ""})
