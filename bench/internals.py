@@ -27,6 +27,7 @@ from report import say
 QUEUE_PREFIX = "dla.device."
 JOB_TABLE = "llmjobs_job"
 KEY_TABLE = "apikeys_apikey"
+USAGE_TABLE = "llmjobs_usageday"  # the daily rollups
 
 
 def device_queue(device: str) -> str:

@@ -8,7 +8,11 @@ gthread 2 workers x 32 threads as `manage.py serve` does), then measures in ONE 
 
   (a) `algorithms.echo:Echo().run(text)` in-process, N times;
   (b) `POST /api/` from 1 client (keep-alive, `loadgen`);
-  (c) `POST /api/` from 16 concurrent clients (a thread and a connection each).
+  (c) `POST /api/` from 16 concurrent clients (a thread and a connection each);
+  (d) with `--observability R`: R rounds of case (b) with the Prometheus metrics and the
+      daily usage rollups on, then off (`[metrics] enabled`, `[server] usage_rollups`;
+      the stack restarted on each config, the order alternating), and what they add
+      to the p50 and the CPU per request (median over rounds; aim <= 0.3 ms).
 
 Every response must be 200 with the echoed text; any error is counted, reported
 loudly, and makes the exit status non-zero. Per case: p50/p90/p99, req/s, the ratio to
@@ -19,6 +23,7 @@ processes during a 16-client load and summarises where the time goes. Every proc
 starts is stopped on exit, error or Ctrl-C.
 
     .venv/bin/python bench/roundtrip.py [--requests N] [--database sqlite|postgres] [--profile]
+        [--observability ROUNDS]
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import loadgen
 import profiling
 from cpu import CpuMeter, wait_for_quiet
-from internals import JOB_TABLE, KEY_TABLE, as_epoch, key_prefix
+from internals import JOB_TABLE, KEY_TABLE, USAGE_TABLE, as_epoch, key_prefix
 from loadgen import CallError, Load, Outcome, Pool, Reply, Timing
 from report import (
     RESULTS_DIR,
@@ -65,6 +72,7 @@ WEB_WORKERS = 2
 WEB_THREADS = 32
 AIM_P50_MS_1_CLIENT = 6.0
 AIM_RPS_16_CLIENTS = 300.0
+AIM_OBSERVABILITY_ADDED_P50_MS = 0.3
 PROFILE_RATE_HZ = 200
 STAGE_SPREAD = ("p50", "p90", "p99", "mean")
 
@@ -100,8 +108,12 @@ class RoundtripStack(Stack):
         return [tuple(as_epoch(v) for v in row) for row in rows]
 
 
-def bench_config_toml(tmp: Path, port: int) -> str:
+def bench_config_toml(tmp: Path, port: int, observability: bool = True) -> str:
+    """The benchmark's config; `observability` False switches the metrics and the daily
+    rollups off (both are on by default, as in every other config)."""
     head = server_toml("roundtrip.py", tmp, port, web_workers=WEB_WORKERS, web_threads=WEB_THREADS, default_model=MODEL)
+    switch = "true" if observability else "false"
+    head += f"usage_rollups = {switch}\n\n[metrics]\nenabled = {switch}\n"
     return head + "\n[worker]\npreload = true\n" + deployment_toml(MODEL, ALGORITHM, DEVICE, "delay_ms = 0")
 
 
@@ -153,9 +165,9 @@ def measure_in_process(n: int, chars: int) -> dict:
     return case_summary("in-process Echo().run", outcome) | meter.report(n)
 
 
-def measure_http(stack: RoundtripStack, clients: int, args: argparse.Namespace) -> dict:
+def measure_http(stack: RoundtripStack, clients: int, args: argparse.Namespace, tag: str = "") -> dict:
     """Warm up, then `args.requests` POSTs from `clients` clients, CPU metered."""
-    tag = f"c{clients}"
+    tag = tag or f"c{clients}"
     with Pool(stack.port, clients) as pool:
         idle_busy = wait_for_quiet(args.quiet_wait)
         warm = pool.warm_up(post_load(stack, f"warm{clients}", args.text_chars), args.warmup)
@@ -224,6 +236,74 @@ def profile_under_load(stack: RoundtripStack, clients: int, seconds: int, chars:
     }
 
 
+def measure_observability(stack: RoundtripStack, args: argparse.Namespace) -> dict:
+    """Case (d): 1-client rounds with metrics and rollups on and off, the stack
+    restarted on each config, the order alternating so drift does not favour one."""
+    rounds = []
+    for index in range(args.observability):
+        for on in (True, False) if index % 2 == 0 else (False, True):
+            mode = "on" if on else "off"
+            say(f"observability round {index + 1}/{args.observability}: metrics and rollups {mode}")
+            stack.restart_with(bench_config_toml(stack.tmp, stack.port, observability=on))
+            rollups_before = usage_rows(stack)
+            case = measure_http(stack, 1, args, tag=f"obs{index}{mode}")
+            case["observability"] = mode
+            case["metrics_status"] = metrics_status(stack)
+            case["rollup_rows_added"] = usage_rows(stack) - rollups_before
+            check_switch(case, on)
+            rounds.append(case)
+            say_case(case)
+    return {"rounds": rounds, **observability_added(rounds)}
+
+
+def usage_rows(stack: RoundtripStack) -> int:
+    """The requests the daily rollups have counted (0 before any)."""
+    (total,) = stack.query(f"SELECT COALESCE(SUM(requests), 0) FROM {USAGE_TABLE}")[0]
+    return int(total)
+
+
+def metrics_status(stack: RoundtripStack) -> int:
+    """The status of GET /metrics from loopback (allowed: the bench config sets no token)."""
+    try:
+        with urllib.request.urlopen(f"{stack.base_url}/metrics", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def check_switch(case: dict, on: bool) -> None:
+    """The switch really took: /metrics served (on) or 404 (off), rollups counted or not."""
+    counted = case["rollup_rows_added"] >= case["ok"]
+    if (case["metrics_status"] == 200) != on or counted != on:
+        raise RuntimeError(
+            f"observability {case['observability']}: /metrics {case['metrics_status']}, "
+            f"{case['rollup_rows_added']} requests rolled up for {case['ok']} calls"
+        )
+
+
+def observability_added(rounds: list[dict]) -> dict:
+    """What metrics + rollups add, by the median of each mode's rounds."""
+
+    def median_of(mode: str, value) -> float:
+        values = sorted(value(case) for case in rounds if case["observability"] == mode)
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+    def cpu(case: dict) -> float:
+        return sum(v for k, v in case["cpu_ms_per_request"].items() if k != "bench client (this process)")
+
+    p50_on, p50_off = median_of("on", lambda c: c["p50_ms"]), median_of("off", lambda c: c["p50_ms"])
+    cpu_on, cpu_off = median_of("on", cpu), median_of("off", cpu)
+    return {
+        "p50_ms_on": round(p50_on, 4),
+        "p50_ms_off": round(p50_off, 4),
+        "added_p50_ms": round(p50_on - p50_off, 4),
+        "server_cpu_ms_on": round(cpu_on, 4),
+        "server_cpu_ms_off": round(cpu_off, 4),
+        "added_server_cpu_ms": round(cpu_on - cpu_off, 4),
+    }
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -277,6 +357,34 @@ def aims(one: dict, many: dict, clients: int) -> list[str]:
     ]
 
 
+def print_observability(summary: dict) -> str:
+    print("\n(d) metrics + daily rollups on vs off, 1 client, per round:")
+    print_columns(
+        [
+            ("round", lambda c: c["case"].split(",")[0] + f" [{c['observability']}]"),
+            ("requests", lambda c: str(c["requests"])),
+            ("errors", lambda c: str(c["errors"])),
+            ("p50 ms", lambda c: fmt_ms(c["p50_ms"])),
+            ("p99 ms", lambda c: fmt_ms(c["p99_ms"])),
+            ("req/s", lambda c: fmt(c["requests_per_s"], 0)),
+            ("/metrics", lambda c: str(c["metrics_status"])),
+            ("rolled up", lambda c: str(c["rollup_rows_added"])),
+        ],
+        summary["rounds"],
+    )
+    added = summary["added_p50_ms"]
+    print(
+        f"median p50: on {summary['p50_ms_on']:.3f} ms, off {summary['p50_ms_off']:.3f} ms; "
+        f"server CPU per request: on {summary['server_cpu_ms_on']:.3f} ms, off {summary['server_cpu_ms_off']:.3f} ms "
+        f"(+{summary['added_server_cpu_ms']:.3f})"
+    )
+    verdict = "met" if added <= AIM_OBSERVABILITY_ADDED_P50_MS else "NOT met"
+    return (
+        f"aim: metrics + rollups add <= {AIM_OBSERVABILITY_ADDED_P50_MS:g} ms to p50   "
+        f"measured {added:+.3f} ms -> {verdict}"
+    )
+
+
 def print_profile(summary: dict) -> None:
     if "error" in summary:
         print(f"\nprofile: {summary['error']}")
@@ -316,6 +424,13 @@ def parse_args() -> argparse.Namespace:
         help="before each HTTP case, wait up to this many seconds for a shared machine to go quiet (default 60)",
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp data dir (logs) even on success")
+    parser.add_argument(
+        "--observability",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="afterwards, ROUNDS rounds of 1 client with metrics + rollups on, then off (default 0: skip)",
+    )
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
         parser.error("--requests and --clients must be positive")
@@ -330,6 +445,8 @@ def measure_all(stack: RoundtripStack, args: argparse.Namespace) -> tuple[list[d
     for clients in (1, args.clients):
         cases.append(measure_http(stack, clients, args))
         say_case(cases[-1])
+    if args.observability:
+        cases.append({"case": "observability", "observability": measure_observability(stack, args)})
     profile = None
     if args.profile:
         say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
@@ -375,15 +492,22 @@ def main() -> int:
         f"gunicorn gthread {WEB_WORKERS}x{WEB_THREADS}, 1 cpu worker, echo (delay 0), {args.text_chars}-char texts, "
         f"{os.cpu_count()} CPUs\n"
     )
+    observability = next((c["observability"] for c in cases if "observability" in c), None)
+    cases = [c for c in cases if "observability" not in c]
     print_cases(cases)
     print_cpu(cases)
     print_stages(cases)
     aim_lines = aims(cases[1], cases[2], args.clients)
+    if observability:
+        aim_lines.append(print_observability(observability))
     print("\n" + "\n".join(aim_lines))
     if profile:
         print_profile(profile)
     result = result_json(stack, args, cases, aim_lines)
     result["profile"] = profile
+    result["observability"] = observability
+    if observability:
+        result["errors_total"] += sum(c["errors"] + c.get("warmup_errors", 0) for c in observability["rounds"])
     write_result(result, RESULTS_DIR / f"roundtrip-{args.database}.json")
     if result["errors_total"]:
         print_request_errors(result["errors_total"], cases[1:], with_kinds=True)

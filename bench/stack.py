@@ -129,11 +129,27 @@ class Stack:
         self.manage("migrate", "--noinput", "-v", "0")
         name = f"bench-{int(time.time())}"
         self.api_key = self.manage("createapikey", "--name", name, "--quiet").strip().splitlines()[-1]
+        self.start_workers()
+        self.start_web(self.web_workers, self.web_threads)
+        self.wait_until_ready()
+
+    def start_workers(self) -> None:
         for device in self.devices:
             say(f"starting worker for {device}")
             log_path = self.logs / f"worker-{device.replace(':', '-')}.log"
             argv = processes.manage_argv("runworker", device)
             self.children.append((f"worker {device}", processes.spawn(argv, env=self.env, log_path=log_path)))
+
+    def restart_with(self, config_text: str) -> None:
+        """Stop the web tier and the workers, write another config, start them again on
+        it and wait until they answer (Redis and the database stay up)."""
+        self.stop_child("web")
+        for device in self.devices:
+            self.stop_child(f"worker {device}")
+            self.redis.delete(heartbeat_key(device))
+        self.config_text = config_text
+        self.config_path.write_text(config_text)
+        self.start_workers()
         self.start_web(self.web_workers, self.web_threads)
         self.wait_until_ready()
 

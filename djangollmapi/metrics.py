@@ -40,29 +40,53 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-REQUESTS = Counter("dla_http_requests", "API requests, by route, status and model.", ["route", "status", "model"])
-REQUEST_SECONDS = Histogram(
-    "dla_http_request_duration_seconds",
-    "API request latency (a stream: to its end).",
-    ["route"],
-    buckets=LATENCY_BUCKETS,
+
+class NoMetric:
+    """What every metric is with `[metrics] enabled = false`: nothing counted, nothing
+    written, at no cost on the hot path."""
+
+    def labels(self, *values: str) -> NoMetric:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+def counter(name: str, documentation: str, labels: list[str]) -> Counter | NoMetric:
+    return Counter(name, documentation, labels) if ENABLED else NoMetric()
+
+
+def histogram(name: str, documentation: str, labels: list[str]) -> Histogram | NoMetric:
+    return Histogram(name, documentation, labels, buckets=LATENCY_BUCKETS) if ENABLED else NoMetric()
+
+
+ENABLED = settings.LLM_CONFIG.metrics.enabled
+REQUESTS = counter("dla_http_requests", "API requests, by route, status and model.", ["route", "status", "model"])
+REQUEST_SECONDS = histogram(
+    "dla_http_request_duration_seconds", "API request latency (a stream: to its end).", ["route"]
 )
-ERRORS = Counter("dla_errors", "Error answers by code (rejections, limits, failures).", ["code"])
-TIME_TO_FIRST_TOKEN = Histogram(
-    "dla_time_to_first_token_seconds", "Streamed requests: request to first token.", ["model"], buckets=LATENCY_BUCKETS
+ERRORS = counter("dla_errors", "Error answers by code (rejections, limits, failures).", ["code"])
+TIME_TO_FIRST_TOKEN = histogram(
+    "dla_time_to_first_token_seconds", "Streamed requests: request to first token.", ["model"]
 )
-TOKENS = Counter("dla_tokens", "Tokens of finished calls, by model and type (prompt, completion).", ["model", "type"])
-JOBS = Counter("dla_jobs", "Ended jobs (calls), by model, status and error code.", ["model", "status", "code"])
-QUEUE_SECONDS = Histogram(
-    "dla_request_queue_time_seconds", "Local jobs: sent to started on the device.", ["model"], buckets=LATENCY_BUCKETS
+TOKENS = counter("dla_tokens", "Tokens of finished calls, by model and type (prompt, completion).", ["model", "type"])
+JOBS = counter("dla_jobs", "Ended jobs (calls), by model, status and error code.", ["model", "status", "code"])
+QUEUE_SECONDS = histogram("dla_request_queue_time_seconds", "Local jobs: sent to started on the device.", ["model"])
+RUN_SECONDS = histogram("dla_job_run_seconds", "Local jobs: started to ended.", ["model"])
+DEVICE_SECONDS = counter("dla_device_seconds", "Device time jobs used (their share of each step).", ["model"])
+DEVICE_BUSY_SECONDS = counter(
+    "dla_device_busy_seconds", "Time the device ran model steps: its rate is the busy share.", ["device"]
 )
-RUN_SECONDS = Histogram("dla_job_run_seconds", "Local jobs: started to ended.", ["model"], buckets=LATENCY_BUCKETS)
-DEVICE_SECONDS = Counter("dla_device_seconds", "Device time jobs used (their share of each step).", ["model"])
-UPSTREAM_ERRORS = Counter("dla_upstream_errors", "Failed upstream calls, by provider and code.", ["provider", "code"])
+UPSTREAM_ERRORS = counter("dla_upstream_errors", "Failed upstream calls, by provider and code.", ["provider", "code"])
 
 
 @never_cache
 def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not ENABLED:
+        return error_response(404, "not_found", "Metrics are switched off ([metrics] enabled = false).")
     if not scraper_allowed(request):
         return error_response(
             403, "metrics_forbidden", "This client may not read the metrics ([metrics] in the config)."
@@ -70,6 +94,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(DeviceQueues())
+    registry.register(KeyBudgets())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
@@ -110,6 +135,36 @@ class DeviceQueues:
         except Exception as exc:  # Redis down: the process metrics still answer
             log.warning("metrics: device queues unavailable: %s", type(exc).__name__)
         yield from (waiting, running, alive)
+
+
+class KeyBudgets:
+    """What each limited key has left (LiteLLM's remaining budget per key), read from
+    the database when scraped: calls for keys with a quota, tokens for keys with a
+    token budget; revoked and expired keys are left out."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from django.db.models import Q
+        from django.utils import timezone
+
+        from apikeys.models import ApiKey
+
+        calls = GaugeMetricFamily(
+            "dla_api_key_remaining_calls", "Calls a key may still make.", labels=["key", "key_alias"]
+        )
+        tokens = GaugeMetricFamily(
+            "dla_api_key_remaining_tokens", "Tokens left in a key's budget.", labels=["key", "key_alias"]
+        )
+        limited = ApiKey.objects.filter(revoked_at=None).exclude(valid_until__lte=timezone.now())
+        limited = limited.filter(Q(max_calls__isnull=False) | Q(max_tokens_total__isnull=False))
+        try:
+            for key in limited.only("prefix", "name", "max_calls", "calls_used", "max_tokens_total", "tokens_used"):
+                if key.calls_left is not None:
+                    calls.add_metric([key.prefix, key.name], key.calls_left)
+                if key.tokens_left is not None:
+                    tokens.add_metric([key.prefix, key.name], key.tokens_left)
+        except Exception as exc:  # the database down: the process metrics still answer
+            log.warning("metrics: key budgets unavailable: %s", type(exc).__name__)
+        yield from (calls, tokens)
 
 
 def clear_metrics_dir(path: Path) -> None:

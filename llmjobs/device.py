@@ -201,7 +201,9 @@ class DeviceLoop:
             return run()
         finally:
             step, self.current = self.current, None
-            share = (time.monotonic() - step.began) / len(tickets)
+            took = time.monotonic() - step.began
+            metrics.DEVICE_BUSY_SECONDS.labels(self.device).inc(took)
+            share = took / len(tickets)
             for ticket in tickets:
                 ticket.device_s += share
                 ticket.batch_size = max(ticket.batch_size, len(tickets))

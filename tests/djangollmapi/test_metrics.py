@@ -3,6 +3,10 @@ workers), readable only by the scrapers `[metrics]` allows."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import requests
 from django.conf import settings
@@ -11,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from djangollmapi.config.sections import MetricsConfig
 from djangollmapi.metrics import scraper_allowed
-from tests.helpers import error_of
+from tests.helpers import error_of, key_row
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,3 +87,39 @@ def test_counters_rise_with_calls_from_every_process(live, key):
     assert rise("dla_tokens_total", model="tiny-gpt2", type="completion") > 0
     assert total(after, "dla_worker_up", device="cpu") == 1
     assert ("dla_num_requests_waiting", frozenset({("device", "cuda:7")})) in after
+    assert rise("dla_device_busy_seconds_total", device="cpu") > 0  # the device loop's steps
+
+
+def test_limited_keys_show_what_they_have_left(live, make_key):
+    limited = make_key(name="limited", max_calls=5, max_tokens_total=1000)
+    make_key(name="unlimited")
+    for text in ("ab", "cd"):
+        assert live.post("/api/", limited, json={"text": text, "model": "echo"}).status_code == 200
+    prefix = limited.split("_")[1]
+    scraped = scrape(live)
+    assert total(scraped, "dla_api_key_remaining_calls", key=prefix, key_alias="limited") == 3
+    assert (
+        total(scraped, "dla_api_key_remaining_tokens", key=prefix, key_alias="limited")
+        == 1000 - key_row(limited).tokens_used
+    )
+    assert not [labels for (name, labels) in scraped if ("key_alias", "unlimited") in labels]
+
+
+def test_metrics_switched_off_count_nothing_and_are_not_served(tmp_path):
+    """`[metrics] enabled = false`, in a process of its own (the switch is read once)."""
+    config = tmp_path / "off.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[metrics]\nenabled = false\n')
+    script = (
+        "import django; django.setup()\n"
+        "from django.test import RequestFactory\n"
+        "from djangollmapi import metrics\n"
+        "assert isinstance(metrics.REQUESTS, metrics.NoMetric)\n"
+        "metrics.JOBS.labels('m', 'succeeded', '').inc()\n"
+        "print(metrics.metrics_view(RequestFactory().get('/metrics')).status_code)\n"
+    )
+    env = {**os.environ, "DJANGO_LLM_API_CONFIG": str(config), "DJANGO_SETTINGS_MODULE": "djangollmapi.settings"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "404"
+    assert not list((tmp_path / "metrics").glob("*.db"))  # no process wrote a counter file
