@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils.cache import patch_cache_control
 from django.utils.html import format_html, format_html_join
 
-from apikeys import console, keys, services
+from apikeys import console, keys, ratelimits, services
 from apikeys.models import ApiKey
 
 
@@ -72,6 +72,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
                     "max_calls",
                     "max_tokens_total",
                     "allowed_models",
+                    "rpm",
+                    "tpm",
+                    "max_parallel",
+                    "model_limits",
                     "weight",
                     "calls_used",
                     "tokens_used",
@@ -103,9 +107,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if not obj.pk:
             return "-"
         models = ", ".join(obj.allowed_models) if obj.allowed_models else "all models"
+        rates = ratelimits.key_limits_text(obj)
         return (
             f"{obj.status()}; calls {self.calls(obj)}; tokens {self.tokens(obj)}; valid {self.window(obj)}; "
-            f"{models}; weight {obj.weight}"
+            f"{models}; weight {obj.weight}; {rates}"
         )
 
     @admin.display(description="per day")

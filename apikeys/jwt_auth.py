@@ -173,6 +173,9 @@ def create_key_for_subject(subject: str, config: JwtConfig) -> ApiKey:
                 max_calls=config.max_calls,
                 max_tokens_total=config.max_tokens_total,
                 allowed_models=list(config.allowed_models),
+                rpm=config.rpm,
+                tpm=config.tpm,
+                max_parallel=config.max_parallel,
             )
     except IntegrityError:
         return ApiKey.objects.get(jwt_subject=subject)

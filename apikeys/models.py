@@ -9,6 +9,21 @@ from django.utils import timezone
 
 from apikeys import keys
 
+RATE_LIMITS = ("rpm", "tpm", "max_parallel")
+
+
+def valid_model_limits(value) -> bool:
+    """{model: {limit: positive int}} with limits from RATE_LIMITS."""
+    if not isinstance(value, dict):
+        return False
+    for name, limits in value.items():
+        if not (isinstance(name, str) and name and isinstance(limits, dict) and limits):
+            return False
+        for limit, number in limits.items():
+            if limit not in RATE_LIMITS or isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                return False
+    return True
+
 
 class ApiKeyManager(models.Manager):
     def issue(self, name: str, **fields) -> tuple[ApiKey, str]:
@@ -49,6 +64,30 @@ class ApiKey(models.Model):
     )
     tokens_used = models.BigIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Rate limits (apikeys.ratelimits, in Redis across every web process); empty: the
+    # [limits] default, itself unlimited when absent.
+    rpm = models.PositiveIntegerField(
+        "requests per minute",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Empty: [limits] rpm.",
+    )
+    tpm = models.PositiveIntegerField(
+        "tokens per minute", null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: [limits] tpm."
+    )
+    max_parallel = models.PositiveIntegerField(
+        "requests in flight",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Calls running or queued at once. Empty: [limits] max_parallel.",
+    )
+    model_limits = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Per-model limits on top of the key\'s, e.g. {"smollm2": {"rpm": 10, "tpm": 5000}}.',
+    )
     weight = models.PositiveSmallIntegerField(
         default=1,
         validators=[MinValueValidator(1)],
@@ -85,10 +124,18 @@ class ApiKey(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        """A list of names, nothing else: a bare string would match by substring."""
+        """A list of names, nothing else: a bare string would match by substring.
+        Per-model limits: model names to positive rpm / tpm / max_parallel."""
         models_list = self.allowed_models
         if not isinstance(models_list, list) or not all(isinstance(m, str) and m for m in models_list):
             raise ValidationError({"allowed_models": 'Give a list of model names, e.g. ["echo"], or [] for all.'})
+        if not valid_model_limits(self.model_limits):
+            raise ValidationError(
+                {
+                    "model_limits": 'Give model names and their limits, e.g. {"smollm2": {"rpm": 10}}; '
+                    "limits are rpm, tpm and max_parallel, each a positive integer."
+                }
+            )
 
     # DRF treats the authenticated principal as a user.
     is_authenticated = True

@@ -22,6 +22,11 @@ class ConsumedCall(NamedTuple):
     key_id: int
     allowed_models: list[str]
     weight: int = 1  # its share of a busy device (the worker's fair admission)
+    # The key's own rate limits (None: the [limits] default) and per-model ones.
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    model_limits: dict | None = None
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -35,7 +40,7 @@ UPDATE {ApiKey._meta.db_table}
    AND (valid_until IS NULL OR valid_until > %s)
    AND (max_calls IS NULL OR calls_used < max_calls)
    AND (max_tokens_total IS NULL OR tokens_used + %s <= max_tokens_total)
-RETURNING id, allowed_models, weight
+RETURNING id, allowed_models, weight, rpm, tpm, max_parallel, model_limits
 """
 
 
@@ -52,13 +57,20 @@ def consume_call(presented: PresentedKey, reserve_tokens: int = 0) -> ConsumedCa
     for _attempt in range(CONSUME_ATTEMPTS):
         row = try_consume(presented, reserve_tokens, needed)
         if row is not None:
-            key_id, allowed, weight = row
-            models = json.loads(allowed) if isinstance(allowed, str) else list(allowed or [])
-            return ConsumedCall(key_id, models, weight)
+            key_id, allowed, weight, rpm, tpm, max_parallel, model_limits = row
+            return ConsumedCall(
+                key_id, from_json(allowed, list), weight, rpm, tpm, max_parallel, from_json(model_limits, dict)
+            )
         reason = selectors.rejection_reason(presented, needed)
         if reason.code != "key_busy":
             raise reason
     raise reason
+
+
+def from_json(value, kind: type):
+    """A JSON column as RETURNING gives it: text on SQLite, decoded on PostgreSQL."""
+    value = json.loads(value) if isinstance(value, str) else value
+    return kind(value or kind())
 
 
 # A refusal with no reason left when read means a concurrent call changed the key in

@@ -33,8 +33,12 @@ def log_fields(request: HttpRequest) -> dict[str, Any]:
 
 
 def note_job(request: HttpRequest, job: Any) -> None:
-    """A call's job in its log line: model, backend, and the job id as request id."""
+    """A call's job in its log line (model, backend, the job id as request id), and
+    the rate limits it was admitted under in its response's headers."""
     log_fields(request).update(model=job.model, backend=job.backend, request_id=str(job.id))
+    headers = getattr(job, "rate_headers", None)
+    if headers:
+        getattr(request, "_request", request).__dict__["_dla_rate_headers"] = headers
 
 
 def key_label(request: HttpRequest) -> str:
@@ -57,6 +61,8 @@ class RequestLogMiddleware:
             return self.get_response(request)
         started = time.monotonic()
         response = self.get_response(request)
+        for name, value in request.__dict__.get("_dla_rate_headers", {}).items():
+            response.headers.setdefault(name, value)  # x-ratelimit-*: the admission's
         write = lambda: self.write(request, response, started)  # noqa: E731
         if response.streaming:
             response.streaming_content = logged_when_done(response.streaming_content, write)

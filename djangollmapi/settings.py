@@ -175,7 +175,13 @@ OPENAI_SDK_HEADERS = (
     "x-stainless-timeout",
 )
 CORS_ALLOW_HEADERS = (*cors_default_headers, *OPENAI_SDK_HEADERS)
-CORS_EXPOSE_HEADERS = ("x-request-id", "x-upstream-request-id", "retry-after")
+CORS_EXPOSE_HEADERS = (
+    "x-request-id",
+    "x-upstream-request-id",
+    "retry-after",
+    "retry-after-ms",
+    *(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+)
 
 # Celery: no result backend; each job's Redis stream carries its result (DESIGN.md).
 CELERY_BROKER_URL = LLM_CONFIG.broker_url

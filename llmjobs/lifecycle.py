@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -35,6 +36,7 @@ from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, conne
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
+from apikeys import ratelimits
 from apikeys.keys import PresentedKey
 from apikeys.services import refund_call, settle_tokens, take_call
 from djangollmapi import metrics
@@ -107,10 +109,35 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
     """Take the call and record the job in one transaction, then queue it to its
     device; a failed enqueue fails and refunds it (503)."""
     with transaction.atomic():
-        call = take_call(presented, route.name, request.reserve_tokens)
-        job = create_job(call.key_id, route.name, request, queue=device_queue_name(route.deployment.device))
+        call, admission, job_id = admit(presented, route.name, request)
+        queue = device_queue_name(route.deployment.device)
+        job = create_limited_job(call, admission, job_id, route.name, request, queue=queue)
+    job.rate_headers = admission.headers
     enqueue(job, route, request.payload(), weight=call.weight)
     return job
+
+
+def admit(presented: PresentedKey, model: str, request: JobRequest) -> tuple[Any, ratelimits.Admission, uuid.UUID]:
+    """Take the call from the key's quota and budget, then its rate limits (inside the
+    caller's transaction: a 429 from the limits rolls the call back)."""
+    call = take_call(presented, model, request.reserve_tokens)
+    job_id = uuid.uuid4()
+    admission = ratelimits.admit(call, model, str(job_id), request.reserve_tokens, len(request.input_text))
+    return call, admission, job_id
+
+
+def create_limited_job(
+    call: Any, admission: ratelimits.Admission, job_id: uuid.UUID, model: str, request: JobRequest, **fields: Any
+) -> Job:
+    """`create_job` for an admitted call; should the row not be written, the call's
+    place in its rate limits is given back."""
+    try:
+        return create_job(call.key_id, model, request, job_id=job_id, rate_limited=admission.limited, **fields)
+    except BaseException:
+        if admission.limited:
+            cost = ratelimits.token_cost(request.reserve_tokens, len(request.input_text))
+            ratelimits.settle(call.key_id, model, str(job_id), -cost, release=True)
+        raise
 
 
 def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
@@ -118,8 +145,10 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
     (the web process forwards it: the provider is the device); the database
     connection goes back to the pool for the provider's answer."""
     with transaction.atomic():
-        call = take_call(presented, route.name, request.reserve_tokens)
-        job = create_job(call.key_id, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
+        call, admission, job_id = admit(presented, route.name, request)
+        running = {"backend": route.provider, "status": Job.Status.RUNNING}
+        job = create_limited_job(call, admission, job_id, route.name, request, **running)
+    job.rate_headers = admission.headers
     release_db_connection()
     return job
 
@@ -132,11 +161,15 @@ def create_job(
     queue: str = "",
     backend: str = "local",
     status: str = Job.Status.QUEUED,
+    job_id: uuid.UUID | None = None,
+    rate_limited: bool = False,
 ) -> Job:
     """Record the call before it is queued or sent, so even a lost job leaves a row:
     one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
     now, text = timezone.now(), request.input_text
     job = Job(
+        id=job_id or uuid.uuid4(),
+        rate_limited=rate_limited,
         api_key_id=key_id,
         model=model,
         backend=backend,
@@ -296,7 +329,7 @@ def finish(
         row = cursor.fetchone()
         if row is None:
             return False
-        key_id, reserved, model, created_at, input_chars = row
+        key_id, reserved, model, created_at, input_chars, rate_limited = row
         if key_id is not None:
             settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
         counts = rollups.ended(
@@ -309,6 +342,9 @@ def finish(
             device_s=values["device_s"] or 0.0,
         )
         rollups.add(key_id, model, created_at, counts)
+    if rate_limited and key_id is not None:
+        used = (prompt_tokens or 0) + (completion_tokens or 0)
+        ratelimits.settle(key_id, model, str(job_id), used - ratelimits.token_cost(reserved, input_chars), True)
     count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
@@ -351,6 +387,7 @@ def fail(
             Job.Status.FAILED, refunded=refunded, input_chars=job.input_chars, device_s=columns.get("device_s", 0.0)
         )
         rollups.add(job.api_key_id, job.model, job.created_at, counts)
+    settle_rate_limits(job_id, job, used=0, release=True)
     count_ending(job.model, Job.Status.FAILED, code)
     return True
 
@@ -363,12 +400,22 @@ class EndedJob:
     model: str
     created_at: datetime
     input_chars: int
+    tokens_reserved: int
+    rate_limited: bool
 
 
 def ended_job(job_id: Any) -> EndedJob:
-    return EndedJob(
-        *Job.objects.filter(id=job_id).values_list("api_key_id", "model", "created_at", "input_chars").get()
-    )
+    columns = ("api_key_id", "model", "created_at", "input_chars", "tokens_reserved", "rate_limited")
+    return EndedJob(*Job.objects.filter(id=job_id).values_list(*columns).get())
+
+
+def settle_rate_limits(job_id: Any, job: EndedJob, used: int | None, release: bool) -> None:
+    """A rate-limited job ended (`release`) or had its tokens counted (`used`; None:
+    not yet): correct its key's limits in Redis, once the ending committed."""
+    if not job.rate_limited or job.api_key_id is None:
+        return
+    delta = 0 if used is None else used - ratelimits.token_cost(job.tokens_reserved, job.input_chars)
+    ratelimits.settle(job.api_key_id, job.model, str(job_id), delta, release)
 
 
 def time_out(job_id: Any) -> bool:
@@ -390,14 +437,18 @@ def cancel(job_id: Any) -> bool:
     with transaction.atomic():
         if Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(status=Job.Status.CANCELLED, finished_at=now):
             settle_job_tokens(job_id, 0)
-        elif not Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(
+            used = 0
+        elif Job.objects.filter(id=job_id, status=Job.Status.RUNNING).update(
             status=Job.Status.CANCELLED, finished_at=now
         ):
+            used = None  # counted when the worker stops it (record_cancelled)
+        else:
             return False
         job = ended_job(job_id)
         rollups.add(
             job.api_key_id, job.model, job.created_at, rollups.ended(Job.Status.CANCELLED, input_chars=job.input_chars)
         )
+    settle_rate_limits(job_id, job, used, release=True)
     return True
 
 
@@ -424,6 +475,7 @@ def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, de
             device_s=columns.get("device_s", 0.0),
         )
         rollups.add(job.api_key_id, job.model, job.created_at, counts)
+    settle_rate_limits(job_id, job, prompt_tokens + completion_tokens, release=ends_now)
     count_ending(job.model, Job.Status.CANCELLED, "", prompt_tokens, completion_tokens)
     return True
 

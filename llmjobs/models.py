@@ -57,6 +57,8 @@ class Job(models.Model):
     # and the most jobs it shared a step with, so GPU time can be billed or capped.
     device_s = models.FloatField(null=True, blank=True)
     batch_size = models.PositiveSmallIntegerField(null=True, blank=True)
+    # Admitted under rate limits (apikeys.ratelimits): its ending settles them in Redis.
+    rate_limited = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]

@@ -190,9 +190,15 @@ class MetricsConfig(Section):
 
 
 class LimitsConfig(Section):
-    """`[limits]`: the calendar that usage is counted in: the days of the daily rollups
-    (the console, `/api/usage/`) begin at midnight in `timezone` (an IANA name)."""
+    """`[limits]`: every key's default rate limits (a key's own override them; absent:
+    unlimited), what happens when Redis cannot check them (`fail_open`), and the
+    calendar usage is counted in: the days of the daily rollups (the console,
+    `/api/usage/`) begin at midnight in `timezone` (an IANA name)."""
 
+    rpm: Positive | None = None
+    tpm: Positive | None = None
+    max_parallel: Positive | None = None
+    fail_open: bool = False
     timezone: str = "UTC"
 
     @field_validator("timezone")
@@ -243,6 +249,10 @@ class JwtConfig(Section):
     max_calls: Annotated[int, Field(ge=0)] | None = None
     max_tokens_total: Annotated[int, Field(ge=0)] | None = None
     allowed_models: Array[str] = ()
+    # The rate limits of the keys it creates (absent: [limits]' defaults apply).
+    rpm: Positive | None = None
+    tpm: Positive | None = None
+    max_parallel: Positive | None = None
 
     @field_validator("jwks_url")
     @classmethod

@@ -154,3 +154,16 @@ def test_the_overview_lists_top_keys_and_models(admin_client):
 def test_the_overview_needs_the_admin(client):
     response = client.get(reverse("admin:apikeys_usage"))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_rate_limits_are_set_in_the_admin(admin_client):
+    fields = {"name": "limited", "owner_email": "", "note": "", "max_calls": "", "weight": "1", "rpm": "30"}
+    admin_client.post("/admin/apikeys/apikey/add/", {**fields, "model_limits": '{"echo": {"tpm": 500}}'})
+    row = ApiKey.objects.get()
+    assert (row.rpm, row.tpm, row.max_parallel, row.model_limits) == (30, None, None, {"echo": {"tpm": 500}})
+    page = admin_client.get(f"/admin/apikeys/apikey/{row.id}/change/").content.decode()
+    assert "rpm 30, tpm ∞, in flight ∞; per model echo" in page
+    refused = admin_client.post("/admin/apikeys/apikey/add/", {**fields, "model_limits": '{"echo": {"rpm": 0}}'})
+    assert "limits are rpm, tpm and max_parallel" in refused.content.decode()
+    plain = admin_client.post("/admin/apikeys/apikey/add/", {**fields, "name": "plain", "rpm": ""})
+    assert plain.status_code == 200 and ApiKey.objects.get(name="plain").model_limits == {}

@@ -33,6 +33,11 @@ class Command(BaseCommand):
         parser.add_argument("--valid-from", type=parse_moment, default=None)
         parser.add_argument("--valid-until", type=parse_moment, default=None)
         parser.add_argument("--models", default="", help="comma-separated model names; omit for all")
+        parser.add_argument("--rpm", type=int, default=None, help="requests per minute; omit for [limits] rpm")
+        parser.add_argument("--tpm", type=int, default=None, help="tokens per minute; omit for [limits] tpm")
+        parser.add_argument(
+            "--max-parallel", type=int, default=None, help="requests in flight at once; omit for [limits] max_parallel"
+        )
         parser.add_argument("--quiet", action="store_true", help="print only the key")
 
     def handle(self, *args, **opts) -> None:
@@ -40,6 +45,9 @@ class Command(BaseCommand):
             raise CommandError("--max-calls must be 0 or more")
         if opts["max_tokens"] is not None and opts["max_tokens"] < 0:
             raise CommandError("--max-tokens must be 0 or more")
+        for flag in ("rpm", "tpm", "max_parallel"):
+            if opts[flag] is not None and opts[flag] < 1:
+                raise CommandError(f"--{flag.replace('_', '-')} must be 1 or more")
         if opts["valid_from"] and opts["valid_until"] and opts["valid_until"] <= opts["valid_from"]:
             raise CommandError("--valid-until must be after --valid-from")
         models = [name.strip() for name in opts["models"].split(",") if name.strip()]
@@ -52,6 +60,9 @@ class Command(BaseCommand):
             valid_from=opts["valid_from"],
             valid_until=opts["valid_until"],
             allowed_models=models,
+            rpm=opts["rpm"],
+            tpm=opts["tpm"],
+            max_parallel=opts["max_parallel"],
         )
         if opts["quiet"]:
             self.stdout.write(plaintext)
