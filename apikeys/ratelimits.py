@@ -5,7 +5,7 @@ and optionally per model, all checked and taken by ONE Lua script in Redis per c
 
 Admission runs inside the transaction that takes the call (`llmjobs.lifecycle`): a
 refusal raises 429 `rate_limit_exceeded` and rolls the call back. A call's token
-reservation (its `max_tokens` plus its prompt, estimated from its length) is replaced
+reservation (its `max_tokens` plus its prompt, bounded from its length) is replaced
 by what it used when the job ends (`settle`), which also frees its place in flight.
 A key without limits costs no Redis round trip.
 
@@ -31,7 +31,6 @@ from djangollmapi.errors import ApiError
 log = logging.getLogger(__name__)
 
 PERIOD_MS = 60_000
-CHARS_PER_TOKEN = 4  # a prompt's tokens, bounded from its length before it is counted
 # A place in flight outlives a job that never ends (its process died) by this long at most.
 IN_FLIGHT_MARGIN_S = 60
 SOCKET_TIMEOUT_S = 0.5  # a Redis that does not answer is a 503 within a second
@@ -166,19 +165,13 @@ def limits_for(call: Any, model: str) -> list[Limit]:
     return found
 
 
-def token_cost(reserve_tokens: int, input_chars: int) -> int:
-    """What a call reserves of its tokens per minute: its `max_tokens` and its prompt,
-    bounded from its length (settled to the real count when it ends)."""
-    return reserve_tokens + math.ceil(input_chars / CHARS_PER_TOKEN)
-
-
-def admit(call: Any, model: str, job_id: str, reserve_tokens: int, input_chars: int) -> Admission:
-    """Check and take every limit of the call at once; 429 with `Retry-After` when one
-    is reached. Redis unreachable: 503, or a pass with `[limits] fail_open`."""
+def admit(call: Any, model: str, job_id: str, tokens: int) -> Admission:
+    """Check and take every limit of the call at once, `tokens` (the call's reservation,
+    `llmjobs.lifecycle.reservation`) of its tokens per minute; 429 with `Retry-After`
+    when one is reached. Redis unreachable: 503, or a pass with `[limits] fail_open`."""
     limits = limits_for(call, model)
     if not limits:
         return Admission()
-    tokens = token_cost(reserve_tokens, input_chars)
     ttl_ms = int((settings.LLM_CONFIG.worker.time_limit_s + IN_FLIGHT_MARGIN_S) * 1000)
     args: list[Any] = [job_id, ttl_ms]
     for limit in limits:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +57,9 @@ CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
 # A provider's refusals that are about our side (its secret, its limits there), not
 # the client's request: refunded like any server-side failure.
 PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
+# What a chat template may add around a prompt's text: role markers, the generation
+# prompt, a default system prompt (SmolLM2's is ~20 tokens). Part of every reservation.
+TEMPLATE_TOKENS = 64
 
 
 class JobRequest(Protocol):
@@ -119,11 +123,28 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
 
 def admit(presented: PresentedKey, model: str, request: JobRequest) -> tuple[Any, ratelimits.Admission, uuid.UUID]:
     """Take the call from the key's quota and budget, then its rate limits (inside the
-    caller's transaction: a 429 from the limits rolls the call back)."""
-    call = take_call(presented, model, request.reserve_tokens)
+    caller's transaction: a 429 from the limits rolls the call back), reserving the
+    most tokens it can use: its `max_tokens` and its prompt's bound."""
+    reserve = reservation(request)
+    call = take_call(presented, model, reserve)
     job_id = uuid.uuid4()
-    admission = ratelimits.admit(call, model, str(job_id), request.reserve_tokens, len(request.input_text))
-    return call, admission, job_id
+    return call, ratelimits.admit(call, model, str(job_id), reserve), job_id
+
+
+def reservation(request: JobRequest) -> int:
+    """The tokens a call may use at most, reserved before it runs and settled to what
+    it used: its `max_tokens` (if it generates) and its prompt, bounded from its length
+    so the budget holds whatever the prompt's size. Counting tokens uses none."""
+    if request.kind == Job.Kind.TOKENIZE:
+        return request.reserve_tokens
+    return request.reserve_tokens + prompt_bound(request.input_text)
+
+
+def prompt_bound(text: str) -> int:
+    """At most one token per UTF-8 byte of the text (a byte-level BPE token, as GPT-2,
+    Llama 3, SmolLM2 and OpenAI's tiktoken make them, covers at least one byte), plus
+    what a chat template adds around it."""
+    return len(text.encode("utf-8", "surrogatepass")) + TEMPLATE_TOKENS
 
 
 def create_limited_job(
@@ -135,8 +156,7 @@ def create_limited_job(
         return create_job(call.key_id, model, request, job_id=job_id, rate_limited=admission.limited, **fields)
     except BaseException:
         if admission.limited:
-            cost = ratelimits.token_cost(request.reserve_tokens, len(request.input_text))
-            ratelimits.settle(call.key_id, model, str(job_id), -cost, release=True)
+            ratelimits.settle(call.key_id, model, str(job_id), -reservation(request), release=True)
         raise
 
 
@@ -178,7 +198,7 @@ def create_job(
         status=status,
         input_text=text if settings.LLM_CONFIG.server.store_payloads else "",
         input_chars=len(text),
-        tokens_reserved=request.reserve_tokens,
+        tokens_reserved=reservation(request),
         created_at=now,
         started_at=now if status == Job.Status.RUNNING else None,
     )
@@ -198,9 +218,14 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
         load = state.models.get(job.model, {})
         if load.get("state") == "failed":
             raise model_unavailable(job.model, load.get("error", ""))
-        if state.depth >= settings.LLM_CONFIG.server.max_queue_depth:
+        max_depth = settings.LLM_CONFIG.server.max_queue_depth
+        if state.depth >= max_depth:
+            wait = queue_drain_s(events.deployment_states(job.queue), state.depth - max_depth + 1)
             raise ApiError(
-                503, "queue_full", "The queue for this model is full; retry later.", headers={"Retry-After": "1"}
+                503,
+                "queue_full",
+                f"The queue for this model is full; retry in about {wait} s.",
+                headers={"Retry-After": str(wait)},
             )
         soft_limit, hard_limit = settings.LLM_CONFIG.job_time_limits(route.deployment)
         celery_app.send_task(
@@ -221,6 +246,16 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
         log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
         fail(job.id, "broker_unavailable", "The job queue is unavailable.")
         raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from exc
+
+
+def queue_drain_s(deployments: dict[str, dict], excess: int) -> int:
+    """When the device will have taken `excess` more jobs off its queue, from what its
+    worker measures: each deployment ends `max_batch` jobs every `job_s` (its recent
+    job time). 1 s before anything was measured; at most 10 minutes."""
+    per_s = sum(d["max_batch"] / d["job_s"] for d in deployments.values() if d.get("job_s") and d.get("max_batch"))
+    if per_s <= 0:
+        return 1
+    return max(1, min(600, math.ceil(excess / per_s)))
 
 
 def model_unavailable(model: str, reason: str) -> ApiError:
@@ -344,7 +379,7 @@ def finish(
         rollups.add(key_id, model, created_at, counts)
     if rate_limited and key_id is not None:
         used = (prompt_tokens or 0) + (completion_tokens or 0)
-        ratelimits.settle(key_id, model, str(job_id), used - ratelimits.token_cost(reserved, input_chars), True)
+        ratelimits.settle(key_id, model, str(job_id), used - reserved, True)
     count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
@@ -414,7 +449,7 @@ def settle_rate_limits(job_id: Any, job: EndedJob, used: int | None, release: bo
     not yet): correct its key's limits in Redis, once the ending committed."""
     if not job.rate_limited or job.api_key_id is None:
         return
-    delta = 0 if used is None else used - ratelimits.token_cost(job.tokens_reserved, job.input_chars)
+    delta = 0 if used is None else used - job.tokens_reserved
     ratelimits.settle(job.api_key_id, job.model, str(job_id), delta, release)
 
 

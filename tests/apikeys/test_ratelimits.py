@@ -23,6 +23,7 @@ from django.test import override_settings
 from apikeys import ratelimits
 from apikeys.jwt_auth import create_key_for_subject
 from apikeys.models import ApiKey
+from llmjobs.lifecycle import prompt_bound
 from llmjobs.models import Job
 from tests.gateway.test_disconnect import open_stream, read_chunks
 from tests.helpers import error_of, key_row
@@ -75,27 +76,27 @@ def test_every_response_carries_openai_rate_limit_headers(live, make_key):
     assert unlimited.status_code == 200 and "x-ratelimit-limit-requests" not in unlimited.headers
 
 
-def completion(live, key: str, max_tokens: int = 30) -> requests.Response:
-    body = {"model": "words", "prompt": "one two three", "max_tokens": max_tokens}
+def completion(live, key: str, max_tokens: int = 30, prompt: str = "one two three") -> requests.Response:
+    body = {"model": "words", "prompt": prompt, "max_tokens": max_tokens}
     return requests.post(
         f"{live.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
     )
 
 
 def test_tokens_per_minute_settle_on_what_calls_really_used(live, make_key):
-    key = make_key(tpm=60)
-    reserved = 30 + ratelimits.token_cost(0, len("one two three"))  # max_tokens + the prompt's bound
+    key = make_key(tpm=200)
+    reserved = 30 + prompt_bound("one two three")  # max_tokens + the prompt's bound
     first = completion(live, key)
     assert first.status_code == 200
-    assert int(first.headers["x-ratelimit-remaining-tokens"]) in range(60 - reserved, 60 - reserved + 2)
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) in range(200 - reserved, 200 - reserved + 2)
     used = first.json()["usage"]["total_tokens"]
     assert used < reserved
 
     second = completion(live, key)  # after the first settled: its real count, not its reservation
     left = int(second.headers["x-ratelimit-remaining-tokens"])
-    assert 60 - used - reserved <= left <= 60 - used - reserved + 3
-    too_big = completion(live, key, max_tokens=50)  # 54 reserved: more than the minute has left
-    assert too_big.status_code == 429 and "60 tokens per minute" in error_of(too_big)["message"]
+    assert 200 - used - reserved <= left <= 200 - used - reserved + 8
+    too_big = completion(live, key, prompt="x" * 150)  # 214 reserved: more than the minute has left
+    assert too_big.status_code == 429 and "200 tokens per minute" in error_of(too_big)["message"]
 
 
 def test_two_in_flight_let_two_of_five_slow_calls_run(live, make_key):

@@ -126,7 +126,7 @@ def test_quota_window_and_model_list_apply_to_upstream_models(gateway, provider_
     limited = make_key(allowed_models=["words"])
     reply = post(gateway, limited, "/v1/chat/completions", CHAT)
     assert (reply.status_code, error_of(reply)["code"]) == (403, "model_not_allowed")
-    budget = make_key(max_tokens_total=10)
+    budget = make_key(max_tokens_total=80)  # less than max_tokens 20 and the prompt's bound
     reply = post(gateway, budget, "/v1/chat/completions", {**CHAT, "max_tokens": 20})
     assert (reply.status_code, error_of(reply)["code"]) == (429, "token_budget_exhausted")
 

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def running_job(reserve: int) -> Job:
     api_key, _ = ApiKey.objects.issue(name="race", max_tokens_total=100)
-    ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserve)  # what the admission reserved
-    job = lifecycle.create_job(api_key.id, "words", CheckedChat(reserve, "a b c"), queue=device_queue_name("cpu"))
+    request = CheckedChat(reserve, "a b c")
+    reserved = lifecycle.reservation(request)  # max_tokens and the prompt's bound
+    ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserved)  # what the admission reserved
+    job = lifecycle.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
     assert lifecycle.start(str(job.id), "worker@test")
     return job
 

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def queued_job() -> Job:
     """A charged, queued job with its reservation taken, as admission leaves one."""
     api_key, _ = ApiKey.objects.issue(name="follow", max_tokens_total=100)
-    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=8)
-    return lifecycle.create_job(api_key.id, "words", CheckedChat(input_text="a b c"), queue=device_queue_name("cpu"))
+    request = CheckedChat(input_text="a b c")
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=lifecycle.reservation(request))
+    return lifecycle.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
 
 
 def key_of(job: Job) -> ApiKey:

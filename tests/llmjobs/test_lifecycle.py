@@ -34,16 +34,19 @@ CONFIG = parse_config(
 )
 
 
+REQUEST = CheckedChat(reserve_tokens=20, input_text="twelve chars")
+RESERVED = lifecycle.reservation(REQUEST)  # max_tokens 20 and the prompt's bound
+
+
 def charged_key() -> ApiKey:
     api_key, _ = ApiKey.objects.issue(name="lifecycle")
-    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=20)
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=RESERVED)
     return api_key
 
 
 def upstream_job(api_key: ApiKey) -> Job:
     """A job for the provider's model, running, as `open_upstream` records it."""
-    request = CheckedChat(reserve_tokens=20, input_text="twelve chars")
-    return lifecycle.create_job(api_key.id, "far", request, backend="prov", status=Job.Status.RUNNING)
+    return lifecycle.create_job(api_key.id, "far", REQUEST, backend="prov", status=Job.Status.RUNNING)
 
 
 def test_the_recorded_row_is_the_job_it_returns():
@@ -52,7 +55,12 @@ def test_the_recorded_row_is_the_job_it_returns():
     row = Job.objects.get(id=job.id)
     fields = [f.attname for f in Job._meta.concrete_fields]
     assert {name: getattr(row, name) for name in fields} == {name: getattr(job, name) for name in fields}
-    assert (row.kind, row.backend, row.input_chars, row.tokens_reserved) == ("chat", "prov", 12, 20)
+    assert (row.kind, row.backend, row.input_chars, row.tokens_reserved) == (
+        "chat",
+        "prov",
+        12,
+        20 + 12 + lifecycle.TEMPLATE_TOKENS,
+    )
     assert row.started_at == row.created_at and row.output is None and not row.refunded
 
 
