@@ -76,6 +76,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                     "tpm",
                     "max_parallel",
                     "model_limits",
+                    "budgets",
                     "weight",
                     "calls_used",
                     "tokens_used",

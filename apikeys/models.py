@@ -25,6 +25,26 @@ def valid_model_limits(value) -> bool:
     return True
 
 
+BUDGET_PERIODS = ("daily", "weekly", "monthly")
+NANO = 1_000_000_000  # BudgetUse counts spend in billionths of a dollar
+BUDGETS = ("calls", "tokens", "spend_usd", "device_s")
+
+
+def valid_budgets(value) -> bool:
+    """{period: {budget: number >= 0}}, calls and tokens whole numbers."""
+    if not isinstance(value, dict):
+        return False
+    for period, budgets in value.items():
+        if period not in BUDGET_PERIODS or not isinstance(budgets, dict) or not budgets:
+            return False
+        for name, number in budgets.items():
+            whole = name in ("calls", "tokens")
+            kinds = (int,) if whole else (int, float)
+            if name not in BUDGETS or isinstance(number, bool) or not isinstance(number, kinds) or number < 0:
+                return False
+    return True
+
+
 class ApiKeyManager(models.Manager):
     def issue(self, name: str, **fields) -> tuple[ApiKey, str]:
         """Create a key and return it with its plaintext, which is never stored or
@@ -88,6 +108,13 @@ class ApiKey(models.Model):
         blank=True,
         help_text='Per-model limits on top of the key\'s, e.g. {"smollm2": {"rpm": 10, "tpm": 5000}}.',
     )
+    budgets = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Budgets per calendar period ([limits] timezone), e.g. {"daily": {"calls": 1000, '
+        '"tokens": 200000}, "monthly": {"spend_usd": 25}}: calls, tokens, spend_usd, device_s per daily, '
+        "weekly, monthly. Empty: the [limits] defaults.",
+    )
     weight = models.PositiveSmallIntegerField(
         default=1,
         validators=[MinValueValidator(1)],
@@ -129,6 +156,13 @@ class ApiKey(models.Model):
         models_list = self.allowed_models
         if not isinstance(models_list, list) or not all(isinstance(m, str) and m for m in models_list):
             raise ValidationError({"allowed_models": 'Give a list of model names, e.g. ["echo"], or [] for all.'})
+        if not valid_budgets(self.budgets):
+            raise ValidationError(
+                {
+                    "budgets": 'Give periods and their budgets, e.g. {"daily": {"calls": 100}}; periods are daily, '
+                    "weekly and monthly, budgets calls, tokens, spend_usd and device_s, each 0 or more."
+                }
+            )
         if not valid_model_limits(self.model_limits):
             raise ValidationError(
                 {
@@ -168,3 +202,34 @@ class ApiKey(models.Model):
         if self.max_tokens_total is not None and self.tokens_used >= self.max_tokens_total:
             return "tokens used"
         return "active"
+
+
+class BudgetUse(models.Model):
+    """What a key used of its budgets in one calendar period (a day, a week from Monday,
+    a month, in `[limits] timezone`): taken as calls are admitted (their reservations)
+    and settled as they end, by `apikeys.budgets`, in the admission's own transaction
+    so a budget is exact under any concurrency. A new period starts a new row."""
+
+    class Period(models.TextChoices):
+        DAILY = "daily"
+        WEEKLY = "weekly"
+        MONTHLY = "monthly"
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="budget_uses")
+    period = models.CharField(max_length=10, choices=Period.choices)
+    starts = models.DateField()  # the period's first day
+    calls = models.IntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    # In billionths of a dollar: integer sums are exact on SQLite too (its decimals are floats).
+    spend_nano_usd = models.BigIntegerField(default=0)
+    device_s = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["api_key", "period", "starts"], name="budget_use_period")]
+
+    @property
+    def spend_usd(self) -> float:
+        return self.spend_nano_usd / NANO
+
+    def __str__(self) -> str:
+        return f"key {self.api_key_id} {self.period} from {self.starts}"

@@ -267,4 +267,9 @@ def key_limits_text(api_key: Any) -> str:
         limit = effective(own, default)
         parts.append(f"{name} {limit if limit else '∞'}")
     per_model = "; ".join(f"{model}: {limits}" for model, limits in (api_key.model_limits or {}).items())
-    return ", ".join(parts) + (f"; per model {per_model}" if per_model else "")
+    budgets = "; ".join(f"{period} {limits}" for period, limits in (api_key.budgets or {}).items())
+    return (
+        ", ".join(parts)
+        + (f"; per model {per_model}" if per_model else "")
+        + (f"; budgets {budgets}" if budgets else "")
+    )

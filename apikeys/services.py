@@ -27,6 +27,7 @@ class ConsumedCall(NamedTuple):
     tpm: int | None = None
     max_parallel: int | None = None
     model_limits: dict | None = None
+    budgets: dict | None = None  # the key's own period budgets (apikeys.budgets)
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -40,7 +41,7 @@ UPDATE {ApiKey._meta.db_table}
    AND (valid_until IS NULL OR valid_until > %s)
    AND (max_calls IS NULL OR calls_used < max_calls)
    AND (max_tokens_total IS NULL OR tokens_used + %s <= max_tokens_total)
-RETURNING id, allowed_models, weight, rpm, tpm, max_parallel, model_limits
+RETURNING id, allowed_models, weight, rpm, tpm, max_parallel, model_limits, budgets
 """
 
 
@@ -57,10 +58,9 @@ def consume_call(presented: PresentedKey, reserve_tokens: int = 0) -> ConsumedCa
     for _attempt in range(CONSUME_ATTEMPTS):
         row = try_consume(presented, reserve_tokens, needed)
         if row is not None:
-            key_id, allowed, weight, rpm, tpm, max_parallel, model_limits = row
-            return ConsumedCall(
-                key_id, from_json(allowed, list), weight, rpm, tpm, max_parallel, from_json(model_limits, dict)
-            )
+            key_id, allowed, weight, rpm, tpm, max_parallel, model_limits, budgets = row
+            limits = (rpm, tpm, max_parallel, from_json(model_limits, dict), from_json(budgets, dict))
+            return ConsumedCall(key_id, from_json(allowed, list), weight, *limits)
         reason = selectors.rejection_reason(presented, needed)
         if reason.code != "key_busy":
             raise reason

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from django.conf import settings
@@ -37,7 +37,7 @@ from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, conne
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from apikeys import ratelimits
+from apikeys import budgets, ratelimits
 from apikeys.keys import PresentedKey
 from apikeys.services import refund_call, settle_tokens, take_call
 from djangollmapi import metrics
@@ -113,22 +113,48 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
     """Take the call and record the job in one transaction, then queue it to its
     device; a failed enqueue fails and refunds it (503)."""
     with transaction.atomic():
-        call, admission, job_id = admit(presented, route.name, request)
-        queue = device_queue_name(route.deployment.device)
-        job = create_limited_job(call, admission, job_id, route.name, request, queue=queue)
-    job.rate_headers = admission.headers
-    enqueue(job, route, request.payload(), weight=call.weight)
+        admitted = admit(presented, route.name, request)
+        job = create_admitted_job(admitted, route.name, request, queue=device_queue_name(route.deployment.device))
+    enqueue(job, route, request.payload(), weight=admitted.call.weight)
     return job
 
 
-def admit(presented: PresentedKey, model: str, request: JobRequest) -> tuple[Any, ratelimits.Admission, uuid.UUID]:
-    """Take the call from the key's quota and budget, then its rate limits (inside the
-    caller's transaction: a 429 from the limits rolls the call back), reserving the
-    most tokens it can use: its `max_tokens` and its prompt's bound."""
-    reserve = reservation(request)
-    call = take_call(presented, model, reserve)
+@dataclass(frozen=True)
+class Admitted:
+    """A call let in: the key's call, its job's id, what it reserved, and whether its
+    ending must settle rate limits (Redis) and period budgets."""
+
+    call: Any
+    job_id: uuid.UUID
+    at: datetime  # the job's created_at: the moment its budgets' periods are counted in
+    tokens: int
+    spend: Decimal
+    budgeted: bool
+    rate: ratelimits.Admission
+
+
+def admit(presented: PresentedKey, model: str, request: JobRequest, price: Any = None) -> Admitted:
+    """Every check a call passes before it runs, inside the transaction that records
+    its job, so any refusal rolls the whole admission back: the key, its window, quota
+    and token budget (one UPDATE), its period budgets, then its rate limits. It
+    reserves the most it can use: its `max_tokens` and its prompt's bound, and that
+    many tokens at `price` (an upstream model's; None: free)."""
+    tokens = reservation(request)
+    call = take_call(presented, model, tokens)
+    spend = reserved_spend(price, request)
+    at = budgets.now()
+    budgeted = budgets.take(call, tokens, spend, at)
     job_id = uuid.uuid4()
-    return call, ratelimits.admit(call, model, str(job_id), reserve), job_id
+    rate = ratelimits.admit(call, model, str(job_id), tokens)
+    return Admitted(call, job_id, at, tokens, spend, budgeted, rate)
+
+
+def reserved_spend(price: Any, request: JobRequest) -> Decimal:
+    """The most a call can cost at `price`: its prompt's bound in, its `max_tokens` out."""
+    if price is None:
+        return Decimal(0)
+    cost = price.cost(prompt_bound(request.input_text), request.reserve_tokens)
+    return Decimal(0) if cost is None else Decimal(str(round(cost, 8)))
 
 
 def reservation(request: JobRequest) -> int:
@@ -147,17 +173,21 @@ def prompt_bound(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass")) + TEMPLATE_TOKENS
 
 
-def create_limited_job(
-    call: Any, admission: ratelimits.Admission, job_id: uuid.UUID, model: str, request: JobRequest, **fields: Any
-) -> Job:
-    """`create_job` for an admitted call; should the row not be written, the call's
-    place in its rate limits is given back."""
+def create_admitted_job(admitted: Admitted, model: str, request: JobRequest, **fields: Any) -> Job:
+    """`create_job` for an admitted call, carrying its rate-limit headers; should the
+    row not be written, the call's place in its rate limits is given back (its budgets
+    roll back with the transaction)."""
+    limits = {"rate_limited": admitted.rate.limited, "budgeted": admitted.budgeted, "spend_reserved": admitted.spend}
     try:
-        return create_job(call.key_id, model, request, job_id=job_id, rate_limited=admission.limited, **fields)
+        job = create_job(
+            admitted.call.key_id, model, request, job_id=admitted.job_id, created_at=admitted.at, **limits, **fields
+        )
     except BaseException:
-        if admission.limited:
-            ratelimits.settle(call.key_id, model, str(job_id), -reservation(request), release=True)
+        if admitted.rate.limited:
+            ratelimits.settle(admitted.call.key_id, model, str(admitted.job_id), -admitted.tokens, release=True)
         raise
+    job.rate_headers = admitted.rate.headers
+    return job
 
 
 def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
@@ -165,10 +195,8 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
     (the web process forwards it: the provider is the device); the database
     connection goes back to the pool for the provider's answer."""
     with transaction.atomic():
-        call, admission, job_id = admit(presented, route.name, request)
-        running = {"backend": route.provider, "status": Job.Status.RUNNING}
-        job = create_limited_job(call, admission, job_id, route.name, request, **running)
-    job.rate_headers = admission.headers
+        admitted = admit(presented, route.name, request, price=route.model)
+        job = create_admitted_job(admitted, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
     release_db_connection()
     return job
 
@@ -183,13 +211,18 @@ def create_job(
     status: str = Job.Status.QUEUED,
     job_id: uuid.UUID | None = None,
     rate_limited: bool = False,
+    budgeted: bool = False,
+    spend_reserved: Decimal = Decimal(0),
+    created_at: datetime | None = None,
 ) -> Job:
     """Record the call before it is queued or sent, so even a lost job leaves a row:
     one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
-    now, text = timezone.now(), request.input_text
+    now, text = created_at or timezone.now(), request.input_text
     job = Job(
         id=job_id or uuid.uuid4(),
         rate_limited=rate_limited,
+        budgeted=budgeted,
+        spend_reserved=spend_reserved,
         api_key_id=key_id,
         model=model,
         backend=backend,
@@ -364,9 +397,12 @@ def finish(
         row = cursor.fetchone()
         if row is None:
             return False
-        key_id, reserved, model, created_at, input_chars, rate_limited = row
+        job = EndedJob(*row)
+        key_id, reserved, model, created_at, input_chars = job[:5]
+        used = (prompt_tokens or 0) + (completion_tokens or 0)
         if key_id is not None:
-            settle_tokens(key_id, (prompt_tokens or 0) + (completion_tokens or 0) - reserved)
+            settle_tokens(key_id, used - reserved)
+        settle_budgets(job, used=used, spend=values["cost_usd"], device_s=values["device_s"])
         counts = rollups.ended(
             Job.Status.SUCCEEDED,
             input_chars=input_chars,
@@ -377,9 +413,7 @@ def finish(
             device_s=values["device_s"] or 0.0,
         )
         rollups.add(key_id, model, created_at, counts)
-    if rate_limited and key_id is not None:
-        used = (prompt_tokens or 0) + (completion_tokens or 0)
-        ratelimits.settle(key_id, model, str(job_id), used - reserved, True)
+    settle_rate_limits(job_id, job, used, release=True)
     count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
@@ -418,6 +452,7 @@ def fail(
         job = ended_job(job_id)
         settle_job_tokens(job_id, 0)
         refunded = refund and refund_job(job_id)
+        settle_budgets(job, used=0, spend=None, device_s=columns.get("device_s"), refunded=refunded)
         counts = rollups.ended(
             Job.Status.FAILED, refunded=refunded, input_chars=job.input_chars, device_s=columns.get("device_s", 0.0)
         )
@@ -427,21 +462,40 @@ def fail(
     return True
 
 
-@dataclass(frozen=True)
-class EndedJob:
-    """What the rollups and the metrics need of a job an ORM update just ended."""
+class EndedJob(NamedTuple):
+    """What the rollups, the limits and the metrics need of a job that just ended (in
+    FINISH_SQL's RETURNING order)."""
 
     api_key_id: int | None
-    model: str
-    created_at: datetime
-    input_chars: int
     tokens_reserved: int
+    model: str
+    created_at: datetime | str
+    input_chars: int
     rate_limited: bool
+    budgeted: bool
+    spend_reserved: Any
 
 
 def ended_job(job_id: Any) -> EndedJob:
-    columns = ("api_key_id", "model", "created_at", "input_chars", "tokens_reserved", "rate_limited")
-    return EndedJob(*Job.objects.filter(id=job_id).values_list(*columns).get())
+    return EndedJob(*Job.objects.filter(id=job_id).values_list(*EndedJob._fields).get())
+
+
+def settle_budgets(
+    job: EndedJob, *, used: int | None, spend: Any, device_s: float | None, refunded: bool = False
+) -> None:
+    """Replace what a budgeted job reserved in its periods by what it used (`used`
+    None: its tokens are not counted yet), inside its ending's transaction."""
+    if not job.budgeted or job.api_key_id is None:
+        return
+    reserved_spend = Decimal(str(job.spend_reserved or 0))
+    budgets.settle(
+        job.api_key_id,
+        rollups.as_datetime(job.created_at),
+        calls=-1 if refunded else 0,
+        tokens=0 if used is None else used - job.tokens_reserved,
+        spend=Decimal(0) if used is None else Decimal(str(spend or 0)) - reserved_spend,
+        device_s=device_s or 0.0,
+    )
 
 
 def settle_rate_limits(job_id: Any, job: EndedJob, used: int | None, release: bool) -> None:
@@ -483,6 +537,7 @@ def cancel(job_id: Any) -> bool:
         rollups.add(
             job.api_key_id, job.model, job.created_at, rollups.ended(Job.Status.CANCELLED, input_chars=job.input_chars)
         )
+        settle_budgets(job, used=used, spend=None, device_s=None)
     settle_rate_limits(job_id, job, used, release=True)
     return True
 
@@ -510,6 +565,7 @@ def record_cancelled(job_id: Any, prompt_tokens: int, completion_tokens: int, de
             device_s=columns.get("device_s", 0.0),
         )
         rollups.add(job.api_key_id, job.model, job.created_at, counts)
+        settle_budgets(job, used=prompt_tokens + completion_tokens, spend=None, device_s=columns.get("device_s"))
     settle_rate_limits(job_id, job, prompt_tokens + completion_tokens, release=ends_now)
     count_ending(job.model, Job.Status.CANCELLED, "", prompt_tokens, completion_tokens)
     return True

@@ -59,6 +59,10 @@ class Job(models.Model):
     batch_size = models.PositiveSmallIntegerField(null=True, blank=True)
     # Admitted under rate limits (apikeys.ratelimits): its ending settles them in Redis.
     rate_limited = models.BooleanField(default=False)
+    # Admitted under period budgets (apikeys.budgets), with this much spend reserved:
+    # its ending replaces the reservation by what it used.
+    budgeted = models.BooleanField(default=False)
+    spend_reserved = models.DecimalField(max_digits=14, decimal_places=8, default=0)
 
     class Meta:
         ordering = ["-created_at"]

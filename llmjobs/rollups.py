@@ -66,10 +66,12 @@ def add(key_id: int | None, model: str, created_at: datetime | str, counts: Coun
 
 
 def usage_day(created_at: datetime | str) -> date:
-    """The calendar day (in `[limits] timezone`) a call made at `created_at` counts on.
-    A raw SQLite row gives the time as text, in UTC."""
-    if isinstance(created_at, str):
-        created_at = parse_datetime(created_at)
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=UTC)
-    return created_at.astimezone(settings.LLM_CONFIG.limits.zone).date()
+    """The calendar day (in `[limits] timezone`) a call made at `created_at` counts on."""
+    return as_datetime(created_at).astimezone(settings.LLM_CONFIG.limits.zone).date()
+
+
+def as_datetime(value: datetime | str) -> datetime:
+    """A raw row's time as an aware datetime: SQLite gives it as text, in UTC."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -29,7 +29,7 @@ UPDATE {Job._meta.db_table}
        prompt_tokens = %s, completion_tokens = %s, cost_usd = %s, tokens_settled = %s,
        device_s = %s, batch_size = %s
  WHERE id = %s AND status IN (%s, %s)
-RETURNING api_key_id, tokens_reserved, model, created_at, input_chars, rate_limited
+RETURNING api_key_id, tokens_reserved, model, created_at, input_chars, rate_limited, budgeted, spend_reserved
 """
 
 

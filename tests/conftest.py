@@ -251,8 +251,8 @@ def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
     return base + (
         '\n[[upstreams]]\nname = "provider"\n' + provider + "timeout_s = 10\nconnect_timeout_s = 2\n"
         'models = { "up-words" = "words", "up-tiny" = "tiny-gpt2", "up-slow" = "slow-stream", '
-        '"up-minilm" = "minilm", "up-boom" = "boom", "up-echo" = "echo" }\n'
-        'prices = { "up-words" = { input = 1.0, output = 2.0 } }\n'
+        '"up-minilm" = "minilm", "up-boom" = "boom", "up-echo" = "echo", "up-priced" = "words" }\n'
+        'prices = { "up-words" = { input = 1.0, output = 2.0 }, "up-priced" = { input = 0.0, output = 1000.0 } }\n'
         '\n[[upstreams]]\nname = "provider-slow"\n' + provider + "timeout_s = 1\n"
         'models = { "up-sleepy" = "slow-stream" }\n'
         '\n[[upstreams]]\nname = "provider-badkey"\n'

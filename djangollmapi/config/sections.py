@@ -189,6 +189,9 @@ class MetricsConfig(Section):
         return allow
 
 
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
 class LimitsConfig(Section):
     """`[limits]`: every key's default rate limits (a key's own override them; absent:
     unlimited), what happens when Redis cannot check them (`fail_open`), and the
@@ -200,6 +203,25 @@ class LimitsConfig(Section):
     max_parallel: Positive | None = None
     fail_open: bool = False
     timezone: str = "UTC"
+    # Every key's default budgets per calendar day / week (from Monday) / month, reset
+    # at midnight in `timezone` (apikeys.budgets); a key's own `budgets` win.
+    daily_calls: NonNegativeInt | None = None
+    daily_tokens: NonNegativeInt | None = None
+    daily_spend_usd: NonNegative | None = None
+    daily_device_s: NonNegative | None = None
+    weekly_calls: NonNegativeInt | None = None
+    weekly_tokens: NonNegativeInt | None = None
+    weekly_spend_usd: NonNegative | None = None
+    weekly_device_s: NonNegative | None = None
+    monthly_calls: NonNegativeInt | None = None
+    monthly_tokens: NonNegativeInt | None = None
+    monthly_spend_usd: NonNegative | None = None
+    monthly_device_s: NonNegative | None = None
+
+    def budget(self, period: str, name: str) -> float | None:
+        """The default `name` budget (calls, tokens, spend_usd, device_s) per `period`
+        (daily, weekly, monthly), or None."""
+        return getattr(self, f"{period}_{name}")
 
     @field_validator("timezone")
     @classmethod

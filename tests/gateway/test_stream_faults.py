@@ -26,7 +26,8 @@ CALL = GenerationCall(
 
 def job_with_a_broken_ending() -> Job:
     api_key, _ = ApiKey.objects.issue(name="faults")
-    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=8)  # what admission took
+    reserved = lifecycle.reservation(CheckedChat())  # what admission took
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=reserved)
     job = lifecycle.create_job(api_key.id, "words", CheckedChat(), queue=device_queue_name("cpu"))
     events.emit(str(job.id), "done")  # a `done` without its output
     return job
