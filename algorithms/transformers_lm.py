@@ -188,10 +188,11 @@ class TextGeneration:
         """Token ids of ``prompt``, keeping its end when it is longer than the context allows.
 
         The end is kept because it holds the question and, with a chat template, the
-        assistant header the model must continue from.
+        assistant header the model must continue from. An empty prompt becomes the start
+        token, as in :meth:`tokenize`: the model needs one position to continue from.
         """
         # A rendered chat template already contains its special tokens.
-        return self._encode(prompt, add_special_tokens=not self.tokenizer.chat_template)
+        return self._encode(prompt, add_special_tokens=not self.tokenizer.chat_template) or [self._start_token_id()]
 
     def render_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for a chat: the model's chat template, or a plain one without it.
