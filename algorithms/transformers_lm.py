@@ -31,6 +31,9 @@ from algorithms.textstream import IncrementalDecoder, StreamedText
 DEFAULT_MODEL_PATH = "smollm2-135m-instruct"
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A temperature this small samples as greedy decoding does, and dividing the logits by
+# it overflows them to inf (NaN probabilities: a crash). vLLM's _SAMPLING_EPS.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 def resolve_device(device: str) -> torch.device:
@@ -306,7 +309,7 @@ class TextGeneration:
         config.max_new_tokens = max_new_tokens
         config.pad_token_id = self.tokenizer.pad_token_id
         config.max_length = None
-        if temperature == 0:
+        if temperature < GREEDY_BELOW_TEMPERATURE:
             config.do_sample = False
             config.temperature, config.top_p, config.top_k = None, None, None
         else:
