@@ -149,6 +149,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["djangollmapi.parsers.StrictJSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "djangollmapi.negotiation.AnswerWhateverIsAccepted",
     "EXCEPTION_HANDLER": "djangollmapi.errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
