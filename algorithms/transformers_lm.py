@@ -31,6 +31,9 @@ from algorithms.textstream import IncrementalDecoder, StreamedText
 DEFAULT_MODEL_PATH = "smollm2-135m-instruct"
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A temperature this small samples as greedy decoding does, and dividing the logits by
+# it overflows them to inf (NaN probabilities: a crash). vLLM's _SAMPLING_EPS.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 def resolve_device(device: str) -> torch.device:
@@ -188,10 +191,11 @@ class TextGeneration:
         """Token ids of ``prompt``, keeping its end when it is longer than the context allows.
 
         The end is kept because it holds the question and, with a chat template, the
-        assistant header the model must continue from.
+        assistant header the model must continue from. An empty prompt becomes the start
+        token, as in :meth:`tokenize`: the model needs one position to continue from.
         """
         # A rendered chat template already contains its special tokens.
-        return self._encode(prompt, add_special_tokens=not self.tokenizer.chat_template)
+        return self._encode(prompt, add_special_tokens=not self.tokenizer.chat_template) or [self._start_token_id()]
 
     def render_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for a chat: the model's chat template, or a plain one without it.
@@ -305,7 +309,7 @@ class TextGeneration:
         config.max_new_tokens = max_new_tokens
         config.pad_token_id = self.tokenizer.pad_token_id
         config.max_length = None
-        if temperature == 0:
+        if temperature < GREEDY_BELOW_TEMPERATURE:
             config.do_sample = False
             config.temperature, config.top_p, config.top_k = None, None, None
         else:

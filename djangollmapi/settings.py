@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "corsheaders",
     "djangollmapi",
     "apikeys",
@@ -149,8 +151,35 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["djangollmapi.parsers.StrictJSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "djangollmapi.negotiation.AnswerWhateverIsAccepted",
     "EXCEPTION_HANDLER": "djangollmapi.errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "djangollmapi.openapi.ApiSchema",
+}
+
+# The OpenAPI schema at /api/schema/ and Swagger UI at /api/docs/ (djangollmapi.apidocs),
+# described by djangollmapi.openapi and each app's openapi module.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "djangollmapi",
+    "DESCRIPTION": (
+        "A self-hosted LLM API: the seed-compatible `/api/` endpoints and the OpenAI-compatible `/v1` surface. "
+        'Every call sends `Authorization: Bearer <key>`; every error is `{"error": {message, type, code, param}}`.'
+    ),
+    "VERSION": "1",
+    # 3.1: the body schemas come from pydantic, whose JSON Schema says `null` as a type.
+    "OAS_VERSION": "3.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Public and keyless: the default (bearer) authentication would refuse a browser.
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # No CDN: Swagger UI's files are static files of this server (drf-spectacular-sidecar).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # validatorUrl: Swagger UI would otherwise send the schema to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    "PREPROCESSING_HOOKS": ["djangollmapi.openapi.public_api_only"],
+    # Instead of the default enum hook (made for DRF serializers; the bodies are pydantic's).
+    "POSTPROCESSING_HOOKS": ["gateway.openapi.with_stream_events"],
 }
 
 # CORS for browser clients ([cors]): API paths only, never the admin. No origins

@@ -12,8 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from djangollmapi.dotted import dotted_key
 from djangollmapi.errors import ApiError
@@ -43,6 +52,17 @@ class WireModel(BaseModel):
         if None in data.values():
             return {name: value for name, value in data.items() if value is not None}
         return data
+
+
+class documented:
+    """JSON Schema keywords added to a field's schema for the OpenAPI docs (what our own
+    validators check, which pydantic cannot see). Validation is untouched."""
+
+    def __init__(self, **keywords: Any) -> None:
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), **self.keywords}
 
 
 def wire_error(code: str, message: str, at: str = "") -> PydanticCustomError:

@@ -10,6 +10,6 @@ urlpatterns = [
     re_path(r"^v1/completions/?$", views.CompletionsView.as_view(), name="v1-completions"),
     re_path(r"^v1/embeddings/?$", views.EmbeddingsView.as_view(), name="v1-embeddings"),
     re_path(r"^v1/tokenize/?$", views.TokenizeView.as_view(), name="v1-tokenize"),
-    re_path(r"^v1/tokenize/count/?$", views.TokenizeView.as_view(count_only=True), name="v1-tokenize-count"),
-    re_path(r"^extras/tokenize/count/?$", views.TokenizeView.as_view(count_only=True), name="extras-tokenize-count"),
+    re_path(r"^v1/tokenize/count/?$", views.TokenCountView.as_view(), name="v1-tokenize-count"),
+    re_path(r"^extras/tokenize/count/?$", views.TokenCountView.as_view(), name="extras-tokenize-count"),
 ]

@@ -17,7 +17,7 @@ from apikeys.views import CallView, KeyView
 from djangollmapi.errors import ApiError
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import LocalRoute, Route, UpstreamRoute, route_model, unknown_model
-from gateway import proxy
+from gateway import openapi, proxy
 from gateway.protocol import forwarded, requests, responses
 from gateway.streaming import client_gone_probe, generation_stream, sse_response
 from llmjobs import lifecycle
@@ -72,6 +72,7 @@ def generation_response(request, kind: Job.Kind) -> HttpResponse:
 class ChatCompletionsView(CallView):
     """`POST /v1/chat/completions`, streamed (`stream: true`) or not."""
 
+    @openapi.chat_completions
     def post(self, request) -> HttpResponse:
         return generation_response(request, Job.Kind.CHAT)
 
@@ -79,6 +80,7 @@ class ChatCompletionsView(CallView):
 class CompletionsView(CallView):
     """`POST /v1/completions`: a raw prompt, no chat template."""
 
+    @openapi.completions
     def post(self, request) -> HttpResponse:
         return generation_response(request, Job.Kind.COMPLETION)
 
@@ -86,6 +88,7 @@ class CompletionsView(CallView):
 class EmbeddingsView(CallView):
     """`POST /v1/embeddings` on a deployment whose algorithm has `embed`."""
 
+    @openapi.embeddings
     def post(self, request) -> HttpResponse:
         route, call = routed_call(request, Job.Kind.EMBEDDINGS)
         if isinstance(route, UpstreamRoute):
@@ -98,12 +101,15 @@ class EmbeddingsView(CallView):
 
 
 class TokenizeView(CallView):
-    """`POST /v1/tokenize` → token ids and count; `/v1/tokenize/count` (and seed 001's
-    `/extras/tokenize/count`) → the count only. The model's own tokenizer, in its worker."""
+    """`POST /v1/tokenize` → token ids and count. The model's own tokenizer, in its worker."""
 
     count_only = False
 
+    @openapi.tokenize
     def post(self, request) -> JsonResponse:
+        return self.tokenize(request)
+
+    def tokenize(self, request) -> JsonResponse:
         with key_errors_first(request.auth):
             route = local_route(route_model(requests.model_name(request.data)))
             call = requests.parse_tokenize(request.data, max_input_chars())
@@ -113,6 +119,16 @@ class TokenizeView(CallView):
         if not self.count_only:
             body["tokens"] = result["tokens"]
         return json_response(body, job)
+
+
+class TokenCountView(TokenizeView):
+    """`POST /v1/tokenize/count` (and seed 001's `/extras/tokenize/count`) → the count only."""
+
+    count_only = True
+
+    @openapi.count_tokens
+    def post(self, request) -> JsonResponse:
+        return self.tokenize(request)
 
 
 def local_route(route: Route) -> LocalRoute:
@@ -126,6 +142,7 @@ def local_route(route: Route) -> LocalRoute:
 class ModelsView(KeyView):
     """`GET /v1/models`: local deployments and upstream models this key may use."""
 
+    @openapi.list_models
     def get(self, request) -> JsonResponse:
         api_key = request.auth.key()
         cards = [
@@ -139,6 +156,7 @@ class ModelsView(KeyView):
 class ModelDetailView(KeyView):
     """`GET /v1/models/{id}`; a model the key may not use reads as unknown."""
 
+    @openapi.retrieve_model
     def get(self, request, model_id: str) -> JsonResponse:
         api_key = request.auth.key()
         route = route_model(model_id)

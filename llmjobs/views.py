@@ -13,7 +13,7 @@ from apikeys.authentication import key_errors_first
 from apikeys.views import CallView, KeyView
 from djangollmapi.middleware import note_job
 from djangollmapi.routes import LocalRoute, route_local_model
-from llmjobs import lifecycle, selectors, usage
+from llmjobs import lifecycle, openapi, selectors, usage
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from llmjobs.validation import parse_run_request
@@ -34,6 +34,7 @@ def submit_run(request) -> tuple[Job, LocalRoute]:
 class RunView(CallView):
     """`POST /api/ {"text": ...}` → `{"message": ..., "job_id": ..., "model": ...}`."""
 
+    @openapi.run
     def post(self, request) -> JsonResponse:
         job, route = submit_run(request)
         output = wait_for_output(job, route.timeout_s)
@@ -43,6 +44,7 @@ class RunView(CallView):
 class JobCreateView(CallView):
     """`POST /api/jobs/` → 202 and a Location to poll."""
 
+    @openapi.create_job
     def post(self, request) -> JsonResponse:
         job, _route = submit_run(request)
         location = reverse("job-detail", args=[job.id])
@@ -54,6 +56,7 @@ class JobCreateView(CallView):
 class JobDetailView(KeyView):
     """`GET /api/jobs/<id>/`: status, queue position, result or error."""
 
+    @openapi.retrieve_job
     def get(self, request, job_id) -> JsonResponse:
         job = selectors.job_for_key(job_id, request.auth.key().id)
         return JsonResponse(job_body(job))
@@ -80,6 +83,7 @@ def job_body(job: Job) -> dict:
 class UsageView(KeyView):
     """`GET /api/usage/`: the calling key's calls and characters per day, quota, window."""
 
+    @openapi.usage
     def get(self, request) -> JsonResponse:
         api_key = request.auth.key()
         return JsonResponse(

@@ -4,20 +4,25 @@ options chat and completions share. Pure: no settings, no database."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from algorithms.base import GenerationRequest
-from djangollmapi.wire import PARAM, StorableStr, WireModel, over_input_limit, storable, wire_error
+from djangollmapi.wire import PARAM, StorableStr, WireModel, documented, over_input_limit, storable, wire_error
 
 if TYPE_CHECKING:
     from djangollmapi.routes import LocalRoute
@@ -41,19 +46,38 @@ MESSAGES = {
 }
 
 
-def between(low: float, high: float | None = None) -> AfterValidator:
-    """A number (or integer) in [low, high]; finite, so nan and inf are refused too."""
+@dataclass(frozen=True)
+class Bounds:
+    """A number (or integer) in [low, high]; finite, so nan and inf are refused too.
+    The OpenAPI schema shows the bounds; the check and its error stay ours."""
 
-    def shown(bound: float) -> str:
-        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+    low: float
+    high: float | None = None
 
-    def check(value: float) -> float:
+    def check(self, value: float) -> float:
+        low, high = self.low, self.high
         if not (value == value and low <= value and (high is None or value <= high)):
             bound = f"between {shown(low)} and {shown(high)}" if high is not None else f"at least {shown(low)}"
             raise wire_error("invalid_value", f"The parameter '{PARAM}' must be {bound}.")
         return value
 
-    return AfterValidator(check)
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["minimum"] = self.low
+        if self.high is not None:
+            json_schema["maximum"] = self.high
+        return json_schema
+
+
+def between(low: float, high: float | None = None) -> Bounds:
+    return Bounds(low, high)
+
+
+def shown(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def input_too_long(chars: int, info: ValidationInfo, param: str = "") -> None:
@@ -85,11 +109,31 @@ def message_text(content: Any) -> str:
     return "".join(texts)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
 
-    role: Annotated[str, BeforeValidator(known_role)] = "absent"
-    content: Annotated[str, BeforeValidator(message_text)] = ""
+
+def role_required(schema: dict[str, Any]) -> None:
+    """The schema of a message: without a `role` it is refused (`known_role`), so the
+    default that lets the validator see it missing is no default to a client."""
+    schema["required"] = ["role"]
+    schema["properties"]["role"].pop("default", None)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, json_schema_extra=role_required)
+
+    role: Annotated[str, BeforeValidator(known_role), WithJsonSchema({"type": "string", "enum": list(ROLES)})] = (
+        "absent"
+    )
+    content: Annotated[
+        str,
+        BeforeValidator(message_text),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]}),
+    ] = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -108,7 +152,7 @@ def message_list(value: Any) -> Any:
     return tuple(value)
 
 
-Messages = Annotated[tuple[ChatMessage, ...], BeforeValidator(message_list)]
+Messages = Annotated[tuple[ChatMessage, ...], BeforeValidator(message_list), documented(minItems=1)]
 
 
 def transcript(messages: tuple[ChatMessage, ...]) -> str:
@@ -127,7 +171,13 @@ def one_prompt(value: Any) -> Any:
     return storable(value)
 
 
-Prompt = Annotated[str, BeforeValidator(one_prompt)]
+Prompt = Annotated[
+    str,
+    BeforeValidator(one_prompt),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]}
+    ),
+]
 
 
 TokenCount = Annotated[int, between(1, MAX_TOKENS)]
@@ -140,6 +190,10 @@ def stop_strings(value: Any) -> Any:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise wire_error("invalid_value", f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.")
     return tuple(storable(stop) for stop in stops)
+
+
+STOP_STRING = {"type": "string", "minLength": 1}
+STOP_SCHEMA = {"anyOf": [STOP_STRING, {"type": "array", "items": STOP_STRING, "maxItems": MAX_STOP_SEQUENCES}]}
 
 
 class TokenLimits(WireModel):
@@ -165,7 +219,12 @@ class GenerationOptions(TokenLimits):
     """What our gateway reads of any generation, local or upstream."""
 
     stream: bool = False
-    stream_options: Any = None
+    stream_options: Annotated[
+        Any,
+        WithJsonSchema(
+            {"type": ["object", "null"], "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+        ),
+    ] = None
 
     @model_validator(mode="after")
     def stream_usage(self) -> GenerationOptions:
@@ -201,11 +260,11 @@ class SamplingBody(GenerationOptions):
         "user",
     )
 
-    n: Annotated[int, between(1)] = 1
-    logprobs: Any = None
+    n: Annotated[int, between(1), documented(maximum=1, description="Only 1 is supported.")] = 1
+    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None], "description": "Not supported."})] = None
     temperature: Annotated[float, between(0, 2)] | None = None
     top_p: Annotated[float, between(0, 1)] | None = None
-    stop: Annotated[tuple[str, ...], BeforeValidator(stop_strings)] = ()
+    stop: Annotated[tuple[str, ...], BeforeValidator(stop_strings), WithJsonSchema(STOP_SCHEMA)] = ()
     seed: Annotated[int, between(-(2**63), 2**63 - 1)] | None = None
     user: StorableStr = ""
 

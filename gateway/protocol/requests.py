@@ -13,10 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from algorithms.base import GenerationRequest
-from djangollmapi.wire import PARAM, StorableStr, WireModel, parse_body, storable, wire_error
+from djangollmapi.wire import PARAM, StorableStr, WireModel, documented, parse_body, storable, wire_error
 from gateway.protocol.fields import (
     ENCODING_FORMATS,
     MAX_EMBEDDING_INPUTS,
@@ -64,8 +72,8 @@ class CompletionBody(SamplingBody):
     REPORT_FIRST = ("prompt", "echo", "suffix", *SamplingBody.REPORT_FIRST)
 
     prompt: Prompt
-    echo: bool = False
-    suffix: str = ""
+    echo: Annotated[bool, documented(enum=[False], description="Not supported.")] = False
+    suffix: Annotated[str, documented(enum=[""], description="Not supported.")] = ""
 
     @field_validator("prompt")
     @classmethod
@@ -140,10 +148,26 @@ def embedding_inputs(value: Any) -> Any:
     return tuple(texts)
 
 
+EMBEDDING_INPUT = {"type": "string", "minLength": 1}
+
+
 class EmbeddingsBody(WireModel):
-    input: Annotated[tuple[str, ...], BeforeValidator(embedding_inputs)]
-    encoding_format: StorableStr = Field("", validate_default=True)
-    dimensions: Any = None
+    input: Annotated[
+        tuple[str, ...],
+        BeforeValidator(embedding_inputs),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    EMBEDDING_INPUT,
+                    {"type": "array", "items": EMBEDDING_INPUT, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+                ]
+            }
+        ),
+    ]
+    encoding_format: Annotated[StorableStr, documented(enum=list(ENCODING_FORMATS))] = Field(
+        "", validate_default=True, json_schema_extra={"default": "float"}
+    )
+    dimensions: Annotated[Any, WithJsonSchema({"type": "null", "description": "Not supported."})] = None
     user: StorableStr = ""
 
     @field_validator("input")
@@ -191,6 +215,11 @@ def parse_embeddings(data: Any, max_input_chars: int) -> EmbeddingCall:
 class TokenizeBody(WireModel):
     """A prompt string (`prompt`, or `input` as seed 001's gateway sends it) or a whole
     chat (`messages`), tokenized as generation would feed it."""
+
+    # One of the three is required (`some_text`).
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["prompt"]}, {"required": ["input"]}]}
+    )
 
     messages: Messages | None = None
     prompt: Prompt | None = None

@@ -123,3 +123,12 @@ def test_joiners_prefilled_together_answer_as_alone(generator):
         ended.update(dict(batch.step()))
     for index, request in enumerate(requests):
         assert ended[handles[index]] == generator.generate(request, Pieces()), index
+
+
+def test_a_vanishing_temperature_decodes_greedily_in_a_batch_too(generator):
+    # temperature 2e-313 overflowed the logits to inf and crashed the batch (schemathesis found it).
+    greedy = GenerationRequest(max_tokens=12, prompt="A worker process", temperature=0.0)
+    tiny = GenerationRequest(max_tokens=12, prompt="A worker process", temperature=2.2250738585e-313)
+    expected = generator.generate(greedy, Pieces())
+    assert generator.generate(tiny, Pieces()) == expected
+    assert run_staggered(generator, [tiny, *requests_for_test()[:2]], [Pieces() for _ in range(3)])[0] == expected

@@ -81,6 +81,14 @@ def test_long_prompt_keeps_its_end_within_the_context(generator):
     assert generator.complete(prompt).prompt_tokens == 256 - 16
 
 
+def test_an_empty_text_is_answered_from_the_start_token(generator):
+    # `POST /api/ {"text": ""}` crashed the model (an empty input tensor): found by schemathesis.
+    completion = generator.complete("")
+    assert completion.prompt_tokens == 1
+    assert 1 <= completion.completion_tokens <= 16
+    assert isinstance(generator.run(""), str)
+
+
 def test_prompt_without_chat_template_is_the_raw_text(generator):
     assert generator.render_prompt("just text") == "just text"
 
