@@ -138,12 +138,13 @@ ERROR_STATUSES = {
     411: "A chunked body without a Content-Length (`length_required`).",
     413: "The body is larger than `[server] max_body_bytes` (`request_too_large`).",
     415: "The body is not JSON (`unsupported_media_type`).",
-    429: "The key's calls are used up (`quota_exhausted`) or its token budget cannot cover `max_tokens` "
-    "(`token_budget_exhausted`).",
+    429: "The key's calls are used up (`quota_exhausted`), its token budget cannot cover the call's reservation "
+    "(`token_budget_exhausted`), a period budget would be crossed (`budget_exhausted`), or a rate limit is reached "
+    "(`rate_limit_exceeded`; `Retry-After` says when there is room).",
     500: "The model raised (`job_failed`), its worker died (`worker_lost`), or the server failed (`internal_error`).",
     502: "The upstream provider could not be reached or failed (`upstream_unreachable`, `upstream_error`).",
-    503: "Retry later: no worker serves the model, its queue is full, its model failed to load, or the database, "
-    "broker or provider is unavailable.",
+    503: "Retry later: no worker serves the model, its queue is full, its model failed to load, the key's rate "
+    "limits cannot be checked, or the database, broker or provider is unavailable.",
     504: "The model (`job_timeout`) or the provider (`upstream_timeout`) did not answer in time.",
 }
 
@@ -183,7 +184,22 @@ RETRY_AFTER_HEADER = OpenApiParameter(
     response=[429, 503],
     description="Seconds to wait, when known (a full queue, a model that failed to load, a provider's own).",
 )
-ERROR_HEADERS = [CHALLENGE_HEADER, RETRY_AFTER_HEADER]
+RATE_LIMIT_HEADERS = [
+    OpenApiParameter(
+        f"x-ratelimit-{part}-{kind}",
+        str if part == "reset" else int,
+        OpenApiParameter.HEADER,
+        response=[200, 429],
+        description=f"Calls (POSTs) of a key with rate limits: its {kind} per minute, {meaning} (OpenAI's header).",
+    )
+    for kind in ("requests", "tokens")
+    for part, meaning in (
+        ("limit", "the limit"),
+        ("remaining", "what is left"),
+        ("reset", "until the bucket is full again, e.g. `1s`, `6m0s`"),
+    )
+]
+ERROR_HEADERS = [CHALLENGE_HEADER, RETRY_AFTER_HEADER, *RATE_LIMIT_HEADERS]
 
 
 def job_header(*statuses: int) -> OpenApiParameter:
