@@ -412,7 +412,7 @@ def finish(
             cost_usd=values["cost_usd"] or Decimal(0),
             device_s=values["device_s"] or 0.0,
         )
-        rollups.add(key_id, model, created_at, counts)
+        rollups.add(key_id, model, created_at, counts, cursor)
     settle_rate_limits(job_id, job, used, release=True)
     count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True

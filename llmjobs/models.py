@@ -114,8 +114,8 @@ class UsageDay(models.Model):
 
     class Meta:
         ordering = ["-day"]
+        # Its index also serves the console's range scans by day (its first column).
         constraints = [models.UniqueConstraint(fields=["day", "api_key", "model"], name="usage_day_key_model")]
-        indexes = [models.Index(fields=["day"])]
 
     def __str__(self) -> str:
         return f"{self.day} {self.model} key {self.api_key_id}"

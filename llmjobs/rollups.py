@@ -54,15 +54,19 @@ def ended(status: str, *, refunded: bool = False, **counts: Any) -> Counts:
     return Counts(requests=1, refunded=int(refunded), **{str(status): 1}, **counts)
 
 
-def add(key_id: int | None, model: str, created_at: datetime | str, counts: Counts) -> None:
+def add(key_id: int | None, model: str, created_at: datetime | str, counts: Counts, cursor: Any = None) -> None:
     """Add `counts` to the key's row for the day `created_at` falls on (inside the
-    caller's transaction). A job whose key was deleted has no row to count in."""
+    caller's transaction, on its `cursor` if it has one open). A job whose key was
+    deleted has no row to count in."""
     if key_id is None or not settings.LLM_CONFIG.server.usage_rollups:
         return
-    values = [getattr(counts, column) for column in COLUMNS]
-    with connection.cursor() as cursor:
-        day = connection.ops.adapt_datefield_value(usage_day(created_at))
-        cursor.execute(UPSERT_SQL, [day, key_id, model, *values])
+    params = [connection.ops.adapt_datefield_value(usage_day(created_at)), key_id, model]
+    params += [getattr(counts, column) for column in COLUMNS]
+    if cursor is not None:
+        cursor.execute(UPSERT_SQL, params)
+        return
+    with connection.cursor() as own:
+        own.execute(UPSERT_SQL, params)
 
 
 def usage_day(created_at: datetime | str) -> date:

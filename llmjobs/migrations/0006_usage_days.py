@@ -79,7 +79,6 @@ class Migration(migrations.Migration):
             ],
             options={
                 "ordering": ["-day"],
-                "indexes": [models.Index(fields=["day"], name="llmjobs_usa_day_2243a2_idx")],
                 "constraints": [
                     models.UniqueConstraint(fields=("day", "api_key", "model"), name="usage_day_key_model")
                 ],
