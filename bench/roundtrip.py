@@ -9,10 +9,12 @@ gthread 2 workers x 32 threads as `manage.py serve` does), then measures in ONE 
   (a) `algorithms.echo:Echo().run(text)` in-process, N times;
   (b) `POST /api/` from 1 client (keep-alive, `loadgen`);
   (c) `POST /api/` from 16 concurrent clients (a thread and a connection each);
-  (d) with `--observability R`: R rounds of case (b) with the Prometheus metrics and the
-      daily usage rollups on, then off (`[metrics] enabled`, `[server] usage_rollups`;
-      the stack restarted on each config, the order alternating), and what they add
-      to the p50 and the CPU per request (median over rounds; aim <= 0.3 ms).
+  (d) with `--observability N`: a second stack beside the first, the same but with
+      the Prometheus metrics and the daily usage rollups off (`[metrics] enabled`,
+      `[server] usage_rollups`), and N calls to each from 1 client, alternating
+      between them call by call (the order swapped every pair), so both see the same
+      machine at the same moments; what metrics + rollups add to the p50 and to the
+      server CPU per call (aim <= 0.3 ms).
 
 Every response must be 200 with the echoed text; any error is counted, reported
 loudly, and makes the exit status non-zero. Per case: p50/p90/p99, req/s, the ratio to
@@ -23,15 +25,17 @@ processes during a 16-client load and summarises where the time goes. Every proc
 starts is stopped on exit, error or Ctrl-C.
 
     .venv/bin/python bench/roundtrip.py [--requests N] [--database sqlite|postgres] [--profile]
-        [--observability ROUNDS]
+        [--observability N]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +54,7 @@ from report import (
     fmt,
     fmt_ms,
     fmt_ratio,
+    latency_summary,
     print_columns,
     print_cpu,
     print_request_errors,
@@ -82,10 +87,12 @@ STAGE_SPREAD = ("p50", "p90", "p99", "mean")
 
 class RoundtripStack(Stack):
     """The shared stack with one `cpu` worker, plus where this benchmark reads the
-    server-side stages from: the worker log and the job rows."""
+    server-side stages from: the worker log and the job rows. `observability` False:
+    metrics and rollups off (case d's second stack)."""
 
-    def __init__(self, database: str, tmp: Path) -> None:
-        super().__init__(database, tmp, bench_config_toml, [DEVICE], WEB_WORKERS, WEB_THREADS)
+    def __init__(self, database: str, tmp: Path, observability: bool = True) -> None:
+        config = lambda tmp, port: bench_config_toml(tmp, port, observability)  # noqa: E731
+        super().__init__(database, tmp, config, [DEVICE], WEB_WORKERS, WEB_THREADS)
 
     def worker_log_size(self) -> int:
         path = self.logs / "worker-cpu.log"
@@ -236,24 +243,80 @@ def profile_under_load(stack: RoundtripStack, clients: int, seconds: int, chars:
     }
 
 
-def measure_observability(stack: RoundtripStack, args: argparse.Namespace) -> dict:
-    """Case (d): 1-client rounds with metrics and rollups on and off, the stack
-    restarted on each config, the order alternating so drift does not favour one."""
-    rounds = []
-    for index in range(args.observability):
-        for on in (True, False) if index % 2 == 0 else (False, True):
-            mode = "on" if on else "off"
-            say(f"observability round {index + 1}/{args.observability}: metrics and rollups {mode}")
-            stack.restart_with(bench_config_toml(stack.tmp, stack.port, observability=on))
-            rollups_before = usage_rows(stack)
-            case = measure_http(stack, 1, args, tag=f"obs{index}{mode}")
-            case["observability"] = mode
-            case["metrics_status"] = metrics_status(stack)
-            case["rollup_rows_added"] = usage_rows(stack) - rollups_before
-            check_switch(case, on)
-            rounds.append(case)
-            say_case(case)
-    return {"rounds": rounds, **observability_added(rounds)}
+def measure_observability(args: argparse.Namespace) -> dict:
+    """Case (d): two fresh stacks started alike, metrics and rollups on in one and off
+    in the other (neither has served another case), the same calls alternating between
+    them."""
+    tmps = {mode: Path(tempfile.mkdtemp(prefix=f"dla-bench-{mode}-")) for mode in ("on", "off")}
+    stacks = {mode: RoundtripStack(args.database, tmp, observability=mode == "on") for mode, tmp in tmps.items()}
+    try:
+        for mode, twin in stacks.items():
+            say(f"starting the {mode!r} stack: metrics and rollups {mode}")
+            twin.start()
+        before = {mode: usage_rows(s) for mode, s in stacks.items()}
+        alternate(stacks, args.warmup, args.text_chars, "obswarm")
+        wait_for_quiet(args.quiet_wait)
+        meters = {mode: CpuMeter(s) for mode, s in stacks.items()}
+        for meter in meters.values():
+            meter.__enter__()
+        times = alternate(stacks, args.observability, args.text_chars, "obs")
+        for meter in meters.values():
+            meter.__exit__(None, None, None)
+        modes = {}
+        for mode, s in stacks.items():
+            report = meters[mode].report(len(times[mode]))
+            modes[mode] = {
+                **latency_summary(times[mode]),
+                "calls": len(times[mode]),
+                "server_cpu_ms": round(server_cpu(report["cpu_ms_per_request"]), 4),
+                "cpu_ms_per_request": report["cpu_ms_per_request"],
+                "metrics_status": metrics_status(s),
+                "rolled_up": usage_rows(s) - before[mode],
+            }
+        check_switches(modes)
+        for twin in stacks.values():
+            twin.check_children()
+    finally:
+        for mode, twin in stacks.items():
+            twin.stop()
+            shutil.rmtree(tmps[mode], ignore_errors=True)
+    paired = sorted(a - b for a, b in zip(times["on"], times["off"], strict=True))
+    return {
+        "modes": modes,
+        "added_p50_ms": round(modes["on"]["p50_ms"] - modes["off"]["p50_ms"], 4),
+        "paired_median_ms": round(1000 * paired[len(paired) // 2], 4),
+        "added_server_cpu_ms": round(modes["on"]["server_cpu_ms"] - modes["off"]["server_cpu_ms"], 4),
+    }
+
+
+def alternate(stacks: dict[str, RoundtripStack], calls: int, chars: int, tag: str) -> dict[str, list[float]]:
+    """`calls` POSTs to each stack from one keep-alive connection each, one stack then
+    the other, the order swapped every pair; each answer checked. Seconds per call."""
+    connections = {mode: http.client.HTTPConnection("127.0.0.1", s.port, timeout=30) for mode, s in stacks.items()}
+    times: dict[str, list[float]] = {mode: [] for mode in stacks}
+    try:
+        for i in range(calls):
+            order = list(stacks) if i % 2 == 0 else list(reversed(stacks))
+            for mode in order:
+                text = text_for(f"{tag}{mode}", i, chars)
+                body = json.dumps({"text": text, "model": MODEL}).encode()
+                headers = {"Authorization": f"Bearer {stacks[mode].api_key}", "Content-Type": "application/json"}
+                started = time.perf_counter()
+                connections[mode].request("POST", "/api/", body, headers)
+                reply = connections[mode].getresponse()
+                answer = reply.read()
+                took = time.perf_counter() - started
+                if reply.status != 200 or json.loads(answer).get("message") != text:
+                    raise RuntimeError(f"{mode}: call {i} answered {reply.status}: {answer[:200]!r}")
+                times[mode].append(took)
+    finally:
+        for connection in connections.values():
+            connection.close()
+    return times
+
+
+def server_cpu(per_request: dict[str, float]) -> float:
+    return sum(ms for name, ms in per_request.items() if name != "bench client (this process)")
 
 
 def usage_rows(stack: RoundtripStack) -> int:
@@ -271,37 +334,14 @@ def metrics_status(stack: RoundtripStack) -> int:
         return exc.code
 
 
-def check_switch(case: dict, on: bool) -> None:
-    """The switch really took: /metrics served (on) or 404 (off), rollups counted or not."""
-    counted = case["rollup_rows_added"] >= case["ok"]
-    if (case["metrics_status"] == 200) != on or counted != on:
-        raise RuntimeError(
-            f"observability {case['observability']}: /metrics {case['metrics_status']}, "
-            f"{case['rollup_rows_added']} requests rolled up for {case['ok']} calls"
-        )
-
-
-def observability_added(rounds: list[dict]) -> dict:
-    """What metrics + rollups add, by the median of each mode's rounds."""
-
-    def median_of(mode: str, value) -> float:
-        values = sorted(value(case) for case in rounds if case["observability"] == mode)
-        middle = len(values) // 2
-        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-
-    def cpu(case: dict) -> float:
-        return sum(v for k, v in case["cpu_ms_per_request"].items() if k != "bench client (this process)")
-
-    p50_on, p50_off = median_of("on", lambda c: c["p50_ms"]), median_of("off", lambda c: c["p50_ms"])
-    cpu_on, cpu_off = median_of("on", cpu), median_of("off", cpu)
-    return {
-        "p50_ms_on": round(p50_on, 4),
-        "p50_ms_off": round(p50_off, 4),
-        "added_p50_ms": round(p50_on - p50_off, 4),
-        "server_cpu_ms_on": round(cpu_on, 4),
-        "server_cpu_ms_off": round(cpu_off, 4),
-        "added_server_cpu_ms": round(cpu_on - cpu_off, 4),
-    }
+def check_switches(modes: dict[str, dict]) -> None:
+    """The switches really took: /metrics served (on) or 404 (off), the calls rolled up
+    (on) or not (off)."""
+    on, off = modes["on"], modes["off"]
+    if on["metrics_status"] != 200 or on["rolled_up"] < on["calls"]:
+        raise RuntimeError(f"observability on: /metrics {on['metrics_status']}, {on['rolled_up']} calls rolled up")
+    if off["metrics_status"] != 404 or off["rolled_up"] != 0:
+        raise RuntimeError(f"observability off: /metrics {off['metrics_status']}, {off['rolled_up']} calls rolled up")
 
 
 # ---------------------------------------------------------------- output
@@ -358,25 +398,25 @@ def aims(one: dict, many: dict, clients: int) -> list[str]:
 
 
 def print_observability(summary: dict) -> str:
-    print("\n(d) metrics + daily rollups on vs off, 1 client, per round:")
+    modes = summary["modes"]
+    print("\n(d) metrics + daily rollups on vs off: two stacks side by side, 1 client alternating call by call:")
     print_columns(
         [
-            ("round", lambda c: c["case"].split(",")[0] + f" [{c['observability']}]"),
-            ("requests", lambda c: str(c["requests"])),
-            ("errors", lambda c: str(c["errors"])),
-            ("p50 ms", lambda c: fmt_ms(c["p50_ms"])),
-            ("p99 ms", lambda c: fmt_ms(c["p99_ms"])),
-            ("req/s", lambda c: fmt(c["requests_per_s"], 0)),
-            ("/metrics", lambda c: str(c["metrics_status"])),
-            ("rolled up", lambda c: str(c["rollup_rows_added"])),
+            ("stack", lambda m: m[0]),
+            ("calls", lambda m: str(m[1]["calls"])),
+            ("p50 ms", lambda m: fmt_ms(m[1]["p50_ms"])),
+            ("p90 ms", lambda m: fmt_ms(m[1]["p90_ms"])),
+            ("p99 ms", lambda m: fmt_ms(m[1]["p99_ms"])),
+            ("server CPU ms/call", lambda m: fmt(m[1]["server_cpu_ms"], 3)),
+            ("/metrics", lambda m: str(m[1]["metrics_status"])),
+            ("rolled up", lambda m: str(m[1]["rolled_up"])),
         ],
-        summary["rounds"],
+        list(modes.items()),
     )
     added = summary["added_p50_ms"]
     print(
-        f"median p50: on {summary['p50_ms_on']:.3f} ms, off {summary['p50_ms_off']:.3f} ms; "
-        f"server CPU per request: on {summary['server_cpu_ms_on']:.3f} ms, off {summary['server_cpu_ms_off']:.3f} ms "
-        f"(+{summary['added_server_cpu_ms']:.3f})"
+        f"added: p50 {added:+.3f} ms (median of paired differences {summary['paired_median_ms']:+.3f} ms), "
+        f"server CPU {summary['added_server_cpu_ms']:+.3f} ms per call"
     )
     verdict = "met" if added <= AIM_OBSERVABILITY_ADDED_P50_MS else "NOT met"
     return (
@@ -428,8 +468,8 @@ def parse_args() -> argparse.Namespace:
         "--observability",
         type=int,
         default=0,
-        metavar="ROUNDS",
-        help="afterwards, ROUNDS rounds of 1 client with metrics + rollups on, then off (default 0: skip)",
+        metavar="N",
+        help="afterwards, N calls each to this stack and a twin with metrics + rollups off, alternating (0: skip)",
     )
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
@@ -446,7 +486,7 @@ def measure_all(stack: RoundtripStack, args: argparse.Namespace) -> tuple[list[d
         cases.append(measure_http(stack, clients, args))
         say_case(cases[-1])
     if args.observability:
-        cases.append({"case": "observability", "observability": measure_observability(stack, args)})
+        cases.append({"case": "observability", "observability": measure_observability(args)})
     profile = None
     if args.profile:
         say(f"profiling {args.profile_seconds} s under {args.clients}-client load with py-spy")
@@ -506,8 +546,6 @@ def main() -> int:
     result = result_json(stack, args, cases, aim_lines)
     result["profile"] = profile
     result["observability"] = observability
-    if observability:
-        result["errors_total"] += sum(c["errors"] + c.get("warmup_errors", 0) for c in observability["rounds"])
     write_result(result, RESULTS_DIR / f"roundtrip-{args.database}.json")
     if result["errors_total"]:
         print_request_errors(result["errors_total"], cases[1:], with_kinds=True)

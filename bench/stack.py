@@ -140,19 +140,6 @@ class Stack:
             argv = processes.manage_argv("runworker", device)
             self.children.append((f"worker {device}", processes.spawn(argv, env=self.env, log_path=log_path)))
 
-    def restart_with(self, config_text: str) -> None:
-        """Stop the web tier and the workers, write another config, start them again on
-        it and wait until they answer (Redis and the database stay up)."""
-        self.stop_child("web")
-        for device in self.devices:
-            self.stop_child(f"worker {device}")
-            self.redis.delete(heartbeat_key(device))
-        self.config_text = config_text
-        self.config_path.write_text(config_text)
-        self.start_workers()
-        self.start_web(self.web_workers, self.web_threads)
-        self.wait_until_ready()
-
     def start_redis(self) -> None:
         """The embedded Redis, or REDIS_URL's, which must not already serve our devices."""
         if self.embedded_redis:

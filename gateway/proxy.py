@@ -21,7 +21,7 @@ from django.http import HttpResponse, JsonResponse
 
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import UpstreamRoute
-from gateway import upstream
+from gateway import cache, upstream
 from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, sse_response
@@ -32,8 +32,9 @@ from llmjobs.models import Job
 log = logging.getLogger(__name__)
 
 
-def forward(request, route: UpstreamRoute, call: UpstreamCall) -> HttpResponse:
-    """Charge and record, forward, answer as the provider did (model renamed)."""
+def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None) -> HttpResponse:
+    """Charge and record, forward, answer as the provider did (model renamed); a plain
+    answer is kept in the response cache's `slot` when the call has one."""
     job = lifecycle.open_upstream(request.auth.presented, route, call)
     note_job(request, job)
     note = log_fields(request)
@@ -47,7 +48,10 @@ def forward(request, route: UpstreamRoute, call: UpstreamCall) -> HttpResponse:
         stream = relay_stream(job, route, call, response, client_gone_probe(request), note)
         answer = sse_response(stream, job)
     else:
-        answer = JsonResponse(answer_plain(job, route, response, note))
+        data = answer_plain(job, route, response, note)
+        if slot is not None:
+            cache.store(slot, {"body": data, "usage": upstream.usage_numbers(data)})
+        answer = JsonResponse(data)
     for name, value in headers.items():
         answer[name] = value
     return answer

@@ -17,7 +17,7 @@ from apikeys.views import CallView, KeyView
 from djangollmapi.errors import ApiError
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import LocalRoute, Route, UpstreamRoute, route_model, unknown_model
-from gateway import openapi, proxy
+from gateway import cache, openapi, proxy
 from gateway.protocol import forwarded, requests, responses
 from gateway.streaming import client_gone_probe, generation_stream, sse_response
 from llmjobs import lifecycle
@@ -56,17 +56,53 @@ def submit(request, route: LocalRoute, call: Any) -> Job:
 
 def generation_response(request, kind: Job.Kind) -> HttpResponse:
     route, call = routed_call(request, kind)
+    slot = cache.slot_for(route, kind, call, request.auth.presented.prefix)
+    if slot is not None and (hit := cache.lookup(slot)) is not None:
+        return cached_answer(request, route, call, slot, hit)
     if isinstance(route, UpstreamRoute):
-        return proxy.forward(request, route, call)
+        return marked(proxy.forward(request, route, call, slot), slot, "miss")
     job = submit(request, route, call)
     if call.stream:
         stream = generation_stream(job, call, route.timeout_s, client_gone_probe(request), log_fields(request))
         return sse_response(stream, job)
     result = wait_for_output(job, route.timeout_s)
+    if slot is not None:
+        cache.store(slot, {"result": result})
     log_fields(request).update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
+    return marked(json_response(local_body(route, call, job, result), job), slot, "miss")
+
+
+def local_body(route: LocalRoute, call: Any, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+    """A local model's answer in OpenAI's shape, as this call asked for it."""
+    if call.kind == Job.Kind.EMBEDDINGS:
+        return responses.embedding_list(route.name, result["data"], call.encoding_format, result["prompt_tokens"])
     created = int(job.created_at.timestamp())
-    body = responses.completion(call.kind, responses.response_id(call.kind, job.id), created, route.name, result)
-    return json_response(body, job)
+    return responses.completion(call.kind, responses.response_id(call.kind, job.id), created, route.name, result)
+
+
+def cached_answer(request, route: Route, call: Any, slot: cache.Slot, hit: dict[str, Any]) -> HttpResponse:
+    """A cache hit: recorded as a call of its own (backend `cache`), answered with a
+    fresh id; neither the worker nor the provider sees it."""
+    if "result" in hit:
+        text, usage = hit["result"].get("text", ""), cache.usage_of(hit["result"])
+    else:
+        text, usage = proxy.answer_text(hit["body"]), tuple(hit.get("usage") or (0, 0))
+    job = lifecycle.record_cached(request.auth.presented, route.name, call, text, usage, slot.hits_count)
+    note_job(request, job)
+    if "result" in hit:
+        body = local_body(route, call, job, hit["result"])
+    else:
+        body = {**hit["body"], "model": route.name}
+        if "id" in body:
+            body["id"] = responses.response_id(call.kind, job.id)
+    return marked(json_response(body, job), slot, "hit")
+
+
+def marked(response: HttpResponse, slot: cache.Slot | None, outcome: str) -> HttpResponse:
+    """`x-cache: hit` / `miss` on the answers of calls the cache may serve."""
+    if slot is not None:
+        response["x-cache"] = outcome
+    return response
 
 
 class ChatCompletionsView(CallView):
@@ -91,13 +127,17 @@ class EmbeddingsView(CallView):
     @openapi.embeddings
     def post(self, request) -> HttpResponse:
         route, call = routed_call(request, Job.Kind.EMBEDDINGS)
+        slot = cache.slot_for(route, Job.Kind.EMBEDDINGS, call, request.auth.presented.prefix)
+        if slot is not None and (hit := cache.lookup(slot)) is not None:
+            return cached_answer(request, route, call, slot, hit)
         if isinstance(route, UpstreamRoute):
-            return proxy.forward(request, route, call)
+            return marked(proxy.forward(request, route, call, slot), slot, "miss")
         job = submit(request, route, call)
         result = wait_for_output(job, route.timeout_s)
+        if slot is not None:
+            cache.store(slot, {"result": result})
         log_fields(request)["prompt_tokens"] = result["prompt_tokens"]
-        body = responses.embedding_list(route.name, result["data"], call.encoding_format, result["prompt_tokens"])
-        return json_response(body, job)
+        return marked(json_response(local_body(route, call, job, result), job), slot, "miss")
 
 
 class TokenizeView(CallView):

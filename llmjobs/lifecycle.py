@@ -594,6 +594,34 @@ def refund_job(job_id: Any) -> bool:
     return True
 
 
+# --- cached answers -------------------------------------------------------------
+
+
+def record_cached(
+    presented: PresentedKey, model: str, request: JobRequest, text: str, usage: tuple[int, int], counted: bool
+) -> Job:
+    """A call answered from the response cache: admitted and recorded like any call
+    (backend `cache`), ended at once with the cached answer's usage; when hits do not
+    count (`counted` False) it uses nothing and its call is given back."""
+    with transaction.atomic():
+        admitted = admit(presented, model, request)
+        job = create_admitted_job(admitted, model, request, backend="cache", status=Job.Status.RUNNING)
+    prompt, completion = usage if counted else (0, 0)
+    finish(job.id, text, prompt, completion, store_output=request.kind != Job.Kind.EMBEDDINGS)
+    if not counted:
+        give_back(job.id)
+    return job
+
+
+def give_back(job_id: Any) -> None:
+    """Refund an ended job's call (once), in its key's quota, budgets and rollups."""
+    with transaction.atomic():
+        if refund_job(job_id):
+            job = ended_job(job_id)
+            rollups.add(job.api_key_id, job.model, job.created_at, rollups.Counts(refunded=1))
+            settle_budgets(job, used=None, spend=None, device_s=None, refunded=True)
+
+
 # --- upstream jobs ----------------------------------------------------------------
 
 

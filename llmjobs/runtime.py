@@ -159,9 +159,7 @@ def execute_job(
 def record_ending(ticket: Ticket) -> None:
     """Write what the device loop made of the job; an outcome that cannot be recorded
     (not JSON) fails the job instead, so none is left running."""
-    if ticket.started is not None:
-        metrics.RUN_SECONDS.labels(ticket.model).observe(time.monotonic() - ticket.started)
-        metrics.DEVICE_SECONDS.labels(ticket.model).inc(ticket.device_s)
+    ended = time.monotonic()
     if ticket.outcome is not None:
         try:
             lifecycle.complete(ticket.job_id, ticket.outcome)
@@ -173,6 +171,9 @@ def record_ending(ticket: Ticket) -> None:
         lifecycle.fail_in_worker(ticket.job_id, code, message, device=ticket.device_use())
     elif ticket.abandoned:
         fail_abandoned_job(ticket.job_id)
+    if ticket.started is not None:  # after the follower has its answer: off its path
+        metrics.RUN_SECONDS.labels(ticket.model).observe(ended - ticket.started)
+        metrics.DEVICE_SECONDS.labels(ticket.model).inc(ticket.device_s)
 
 
 def fail_abandoned_job(job_id: str) -> None:

@@ -253,6 +253,8 @@ def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
         'models = { "up-words" = "words", "up-tiny" = "tiny-gpt2", "up-slow" = "slow-stream", '
         '"up-minilm" = "minilm", "up-boom" = "boom", "up-echo" = "echo", "up-priced" = "words" }\n'
         'prices = { "up-words" = { input = 1.0, output = 2.0 }, "up-priced" = { input = 0.0, output = 1000.0 } }\n'
+        '\n[[upstreams]]\nname = "provider-cached"\n' + provider + "cache_ttl_s = 60\ncache_shared = true\n"
+        'cache_hits_count = false\nmodels = { "up-cached" = "words" }\n'
         '\n[[upstreams]]\nname = "provider-slow"\n' + provider + "timeout_s = 1\n"
         'models = { "up-sleepy" = "slow-stream" }\n'
         '\n[[upstreams]]\nname = "provider-badkey"\n'

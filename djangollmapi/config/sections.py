@@ -128,6 +128,12 @@ class Deployment(Section):
     # Jobs of this deployment in flight at once on its device: 1 runs them one at a
     # time; absent means the algorithm's own `default_max_batch` (1 for plug-ins).
     max_batch: Annotated[int | None, Field(ge=1, le=1024)] = None
+    # The response cache (gateway.cache): identical deterministic calls answered from
+    # Redis for this long; absent: off. Per key unless shared; a hit is a call unless
+    # `cache_hits_count` is false.
+    cache_ttl_s: PositiveSeconds | None = None
+    cache_shared: bool = False
+    cache_hits_count: bool = True
 
     @field_validator("device")
     @classmethod

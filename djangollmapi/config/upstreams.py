@@ -95,6 +95,10 @@ class Upstream(Section):
     headers: Annotated[tuple[tuple[str, str], ...], BeforeValidator(header_pairs)] = ()
     # Reserved from a key's token budget when a request names no max_tokens.
     reserve_tokens: Positive = 1024
+    # The response cache for this provider's models (as on a deployment; absent: off).
+    cache_ttl_s: PositiveSeconds | None = None
+    cache_shared: bool = False
+    cache_hits_count: bool = True
 
     @field_validator("base_url")
     @classmethod
