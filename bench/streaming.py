@@ -67,7 +67,7 @@ VERSIONED = ("Django", "djangorestframework", "gunicorn", "celery", "kombu", "re
 
 def bench_config_toml(models_dir: Path, max_tokens: int, dtype: str) -> Callable[[Path, int], str]:
     """The TOML writer the Stack calls with its temp dir and port. The queue depth is
-    raised so that a thousand queued idle jobs are not refused with 503 queue_full."""
+    raised so that a thousand queued idle jobs are not refused with 429 queue_full."""
 
     def write(tmp: Path, port: int) -> str:
         head = server_toml(

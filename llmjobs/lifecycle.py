@@ -255,7 +255,7 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
         if state.depth >= max_depth:
             wait = queue_drain_s(events.deployment_states(job.queue), state.depth - max_depth + 1)
             raise ApiError(
-                503,
+                429,
                 "queue_full",
                 f"The queue for this model is full; retry in about {wait} s.",
                 headers={"Retry-After": str(wait)},

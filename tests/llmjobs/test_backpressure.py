@@ -1,4 +1,4 @@
-"""A device queue past its depth answers 503 `queue_full` at once, refunded, with a
+"""A device queue past its depth answers 429 `queue_full` at once, refunded, with a
 `Retry-After` from the job times its worker measured (not a fixed second)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def busy_device(redis_server):
 def test_a_full_queue_is_503_with_a_measured_retry_after(api, key, busy_device):
     busy_device(waiting=50 + 19, job_s=2.0)  # 20 over the depth of 50; 4 jobs end every 2 s
     reply = api.post("/api/", key, json={"text": "hi", "model": "orphan"})
-    assert (reply.status_code, error_of(reply)["code"]) == (503, "queue_full")
+    assert (reply.status_code, error_of(reply)["code"]) == (429, "queue_full")
     assert reply["Retry-After"] == "10"  # 20 jobs at 2 a second
     assert "retry in about 10 s" in error_of(reply)["message"]
     (job,) = Job.objects.all()
