@@ -66,16 +66,12 @@ def period_end(period: str, starts: date) -> datetime:
     return datetime.combine(following, time(0), tzinfo=settings.LLM_CONFIG.limits.zone)
 
 
-def local_day(moment: datetime) -> date:
-    return moment.astimezone(settings.LLM_CONFIG.limits.zone).date()
-
-
 def periods_for(call: Any, moment: datetime) -> list[Period]:
     """The periods in which the key has a budget: its own (`ApiKey.budgets`), else the
     `[limits]` defaults, budget by budget."""
     defaults = settings.LLM_CONFIG.limits
     own = call.budgets or {}
-    day = local_day(moment)
+    day = settings.LLM_CONFIG.limits.day_of(moment)
     found = []
     for period in BUDGET_PERIODS:
         limits = {}
@@ -112,13 +108,7 @@ def limit_in_units(name: str, limit: float) -> float | int:
 
 def fits(period: Period, taken: dict[str, Any]) -> bool:
     """Whether the call alone fits the period's budgets (a fresh period's row)."""
-    for name, limit in period.limits.items():
-        if name == "device_s":
-            if limit <= 0:
-                return False
-        elif taken[name] > limit_in_units(name, limit):
-            return False
-    return True
+    return all(holds(name, limit, None, taken) for name, limit in period.limits.items())
 
 
 def upsert(key_id: int, period: Period, taken: dict[str, Any]) -> bool:
@@ -163,6 +153,8 @@ def exhausted(key_id: int, period: Period, taken: dict[str, Any], moment: dateti
 
 
 def holds(name: str, limit: float, used: BudgetUse | None, taken: dict[str, Any]) -> bool:
+    """Whether budget `name` holds once `taken` is added to what `used` has spent (None:
+    a fresh period); device time only needs some left."""
     spent = getattr(used, COLUMN[name], 0) if used else 0
     if name == "device_s":
         return spent < limit
@@ -185,7 +177,7 @@ def settle(
     a refund, `tokens` / `spend` what it used less what it reserved, `device_s` taken."""
     if not (calls or tokens or spend or device_s):
         return
-    day = local_day(admitted_at)
+    day = settings.LLM_CONFIG.limits.day_of(admitted_at)
     periods = []
     for period in BUDGET_PERIODS:
         periods += [period, connection.ops.adapt_datefield_value(period_start(period, day))]

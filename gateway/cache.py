@@ -44,7 +44,7 @@ def slot_for(route: Route, kind: str, call: Any, key_prefix: str) -> Slot | None
     """The call's cache slot, or None when its route caches nothing or the call is
     not deterministic (sampled, several choices, streamed)."""
     config = route.deployment if isinstance(route, LocalRoute) else route.upstream
-    if not config.cache_ttl_s or getattr(call, "stream", False) or not deterministic(kind, route, call):
+    if not config.cache_ttl_s or call.stream or not deterministic(kind, route, call):
         return None
     question = json.dumps([route.name, kind, normalised(route, call)], sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(question.encode()).hexdigest()

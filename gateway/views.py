@@ -54,7 +54,9 @@ def submit(request, route: LocalRoute, call: Any) -> Job:
     return job
 
 
-def generation_response(request, kind: Job.Kind) -> HttpResponse:
+def model_response(request, kind: Job.Kind) -> HttpResponse:
+    """A chat, completion or embeddings call: from the response cache, the provider,
+    or the local model (streamed when asked)."""
     route, call = routed_call(request, kind)
     slot = cache.slot_for(route, kind, call, request.auth.presented.prefix)
     if slot is not None and (hit := cache.lookup(slot)) is not None:
@@ -68,7 +70,9 @@ def generation_response(request, kind: Job.Kind) -> HttpResponse:
     result = wait_for_output(job, route.timeout_s)
     if slot is not None:
         cache.store(slot, {"result": result})
-    log_fields(request).update(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"])
+    log_fields(request).update(
+        {name: result[name] for name in ("prompt_tokens", "completion_tokens") if name in result}
+    )
     return marked(json_response(local_body(route, call, job, result), job), slot, "miss")
 
 
@@ -110,7 +114,7 @@ class ChatCompletionsView(CallView):
 
     @openapi.chat_completions
     def post(self, request) -> HttpResponse:
-        return generation_response(request, Job.Kind.CHAT)
+        return model_response(request, Job.Kind.CHAT)
 
 
 class CompletionsView(CallView):
@@ -118,7 +122,7 @@ class CompletionsView(CallView):
 
     @openapi.completions
     def post(self, request) -> HttpResponse:
-        return generation_response(request, Job.Kind.COMPLETION)
+        return model_response(request, Job.Kind.COMPLETION)
 
 
 class EmbeddingsView(CallView):
@@ -126,18 +130,7 @@ class EmbeddingsView(CallView):
 
     @openapi.embeddings
     def post(self, request) -> HttpResponse:
-        route, call = routed_call(request, Job.Kind.EMBEDDINGS)
-        slot = cache.slot_for(route, Job.Kind.EMBEDDINGS, call, request.auth.presented.prefix)
-        if slot is not None and (hit := cache.lookup(slot)) is not None:
-            return cached_answer(request, route, call, slot, hit)
-        if isinstance(route, UpstreamRoute):
-            return marked(proxy.forward(request, route, call, slot), slot, "miss")
-        job = submit(request, route, call)
-        result = wait_for_output(job, route.timeout_s)
-        if slot is not None:
-            cache.store(slot, {"result": result})
-        log_fields(request)["prompt_tokens"] = result["prompt_tokens"]
-        return marked(json_response(local_body(route, call, job, result), job), slot, "miss")
+        return model_response(request, Job.Kind.EMBEDDINGS)
 
 
 class TokenizeView(CallView):

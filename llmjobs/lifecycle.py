@@ -177,11 +177,16 @@ def create_admitted_job(admitted: Admitted, model: str, request: JobRequest, **f
     """`create_job` for an admitted call, carrying its rate-limit headers; should the
     row not be written, the call's place in its rate limits is given back (its budgets
     roll back with the transaction)."""
-    limits = {"rate_limited": admitted.rate.limited, "budgeted": admitted.budgeted, "spend_reserved": admitted.spend}
+    admission = {
+        "job_id": admitted.job_id,
+        "created_at": admitted.at,
+        "tokens_reserved": admitted.tokens,
+        "rate_limited": admitted.rate.limited,
+        "budgeted": admitted.budgeted,
+        "spend_reserved": admitted.spend,
+    }
     try:
-        job = create_job(
-            admitted.call.key_id, model, request, job_id=admitted.job_id, created_at=admitted.at, **limits, **fields
-        )
+        job = create_job(admitted.call.key_id, model, request, **admission, **fields)
     except BaseException:
         if admitted.rate.limited:
             ratelimits.settle(admitted.call.key_id, model, str(admitted.job_id), -admitted.tokens, release=True)
@@ -214,6 +219,7 @@ def create_job(
     budgeted: bool = False,
     spend_reserved: Decimal = Decimal(0),
     created_at: datetime | None = None,
+    tokens_reserved: int | None = None,
 ) -> Job:
     """Record the call before it is queued or sent, so even a lost job leaves a row:
     one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
@@ -231,7 +237,7 @@ def create_job(
         status=status,
         input_text=text if settings.LLM_CONFIG.server.store_payloads else "",
         input_chars=len(text),
-        tokens_reserved=reservation(request),
+        tokens_reserved=reservation(request) if tokens_reserved is None else tokens_reserved,
         created_at=now,
         started_at=now if status == Job.Status.RUNNING else None,
     )
@@ -398,23 +404,22 @@ def finish(
         if row is None:
             return False
         job = EndedJob(*row)
-        key_id, reserved, model, created_at, input_chars = job[:5]
         used = (prompt_tokens or 0) + (completion_tokens or 0)
-        if key_id is not None:
-            settle_tokens(key_id, used - reserved)
+        if job.api_key_id is not None:
+            settle_tokens(job.api_key_id, used - job.tokens_reserved)
         settle_budgets(job, used=used, spend=values["cost_usd"], device_s=values["device_s"])
         counts = rollups.ended(
             Job.Status.SUCCEEDED,
-            input_chars=input_chars,
+            input_chars=job.input_chars,
             output_chars=values["output_chars"],
             prompt_tokens=prompt_tokens or 0,
             completion_tokens=completion_tokens or 0,
             cost_usd=values["cost_usd"] or Decimal(0),
             device_s=values["device_s"] or 0.0,
         )
-        rollups.add(key_id, model, created_at, counts, cursor)
+        rollups.add(job.api_key_id, job.model, job.created_at, counts, cursor)
     settle_rate_limits(job_id, job, used, release=True)
-    count_ending(model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
+    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
 

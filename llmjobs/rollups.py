@@ -71,7 +71,7 @@ def add(key_id: int | None, model: str, created_at: datetime | str, counts: Coun
 
 def usage_day(created_at: datetime | str) -> date:
     """The calendar day (in `[limits] timezone`) a call made at `created_at` counts on."""
-    return as_datetime(created_at).astimezone(settings.LLM_CONFIG.limits.zone).date()
+    return settings.LLM_CONFIG.limits.day_of(as_datetime(created_at))
 
 
 def as_datetime(value: datetime | str) -> datetime:

@@ -32,7 +32,7 @@ SUMMED = (
 
 def today() -> date:
     """Today in `[limits] timezone`, the calendar the rollups count in."""
-    return timezone.now().astimezone(settings.LLM_CONFIG.limits.zone).date()
+    return settings.LLM_CONFIG.limits.day_of(timezone.now())
 
 
 def usage_by_day(key_id: int) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -241,6 +242,11 @@ class LimitsConfig(Section):
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
+
+    def day_of(self, moment: datetime) -> date:
+        """The calendar day an aware `moment` falls on in `timezone`: the one day of
+        the rollups, the budgets' periods and the console."""
+        return moment.astimezone(self.zone).date()
 
 
 class CorsConfig(Section):

@@ -198,6 +198,7 @@ class EmbeddingCall:
     encoding_format: str
     kind = Job.Kind.EMBEDDINGS
     reserve_tokens = 0  # the input is all it costs; charged when settled
+    stream = False  # embeddings come whole
 
     @property
     def input_text(self) -> str:
