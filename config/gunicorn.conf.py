@@ -32,7 +32,10 @@ chdir = str(PROJECT_ROOT)
 
 bind = [_server.bind]
 
-worker_class = "gthread"
+# gthread, reading each request whole in the event loop before a thread takes it, and
+# answering protocol errors as JSON (djangollmapi/webworker.py). Behind nginx, which
+# buffers requests itself, it changes nothing but the error pages.
+worker_class = "djangollmapi.webworker.BufferingThreadWorker"
 workers = _server.web_workers
 threads = _server.web_threads
 # Open connections per worker (gthread's default is 1000): above the threads, so each

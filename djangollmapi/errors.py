@@ -22,12 +22,16 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     411: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     415: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "invalid_request_error",
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
@@ -54,6 +58,12 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, param=self.param, headers=self.headers)
 
 
+def error_body(status: int, code: str, message: str, *, param: str | None = None) -> dict:
+    """The error shape itself, for the layers below Django too (djangollmapi.webworker)."""
+    kind = ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
+
+
 def error_response(
     status: int,
     code: str,
@@ -66,15 +76,7 @@ def error_response(
     from djangollmapi import metrics  # it imports this module
 
     metrics.ERRORS.labels(code).inc()
-    body = {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
-            "code": code,
-            "param": param,
-        }
-    }
-    response = JsonResponse(body, status=status)
+    response = JsonResponse(error_body(status, code, message, param=param), status=status)
     for name, value in (headers or {}).items():
         response[name] = value
     return response

@@ -17,6 +17,7 @@ import redis
 from djangollmapi.config import ServerConfig
 
 PR_SET_PDEATHSIG = 1
+WEB_WORKER_CLASS = "djangollmapi.webworker.BufferingThreadWorker"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -107,15 +108,17 @@ def manage_argv(*args: str) -> list[str]:
 
 
 def gunicorn_argv(server: ServerConfig) -> list[str]:
-    """gthread workers: sync Django views, a thread per waiting request (DESIGN.md),
-    shaped by the `[server]` table (a copy with another host, port or size for tests)."""
+    """gthread workers that read requests whole before a thread takes them
+    (djangollmapi.webworker): sync Django views, a thread per waiting request
+    (DESIGN.md), shaped by the `[server]` table (a copy with another host, port or size
+    for tests)."""
     return [
         sys.executable,
         "-m",
         "gunicorn",
         "djangollmapi.wsgi:application",
         "--worker-class",
-        "gthread",
+        WEB_WORKER_CLASS,
         "--workers",
         str(server.web_workers),
         "--threads",

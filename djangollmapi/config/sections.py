@@ -52,6 +52,11 @@ class ServerConfig(Section):
     allowed_hosts: Array[str] = ("127.0.0.1", "localhost", "[::1]")
     default_model: str = ""
     max_body_bytes: Positive = 1_048_576
+    # A client gets this long to send a request's line and headers, then its body,
+    # before the web worker answers 408 and closes (djangollmapi.webworker): a slow or
+    # idle socket never holds a request thread, and never holds a connection for ever.
+    header_timeout_s: PositiveSeconds = 10.0
+    body_timeout_s: PositiveSeconds = 30.0
     max_input_chars: Positive = 100_000
     job_timeout_s: PositiveSeconds = 120.0
     max_queue_depth: Positive = 1000
