@@ -108,24 +108,26 @@ class JsonErrorsMiddleware:
         self.max_body_bytes = settings.LLM_CONFIG.server.max_body_bytes
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if request.path.startswith(API_PREFIXES):
-            if "HTTP_TRANSFER_ENCODING" in request.META and not request.META.get("CONTENT_LENGTH"):
-                # Django would read a chunked body as empty, and the size limit could
-                # not be checked before reading it.
-                return error_response(411, "length_required", "Send the body with a Content-Length header.")
-            if self.body_too_large(request):
-                return error_response(
-                    413,
-                    "request_too_large",
-                    f"The request body is larger than {self.max_body_bytes} bytes.",
-                )
+        api = request.path.startswith(API_PREFIXES)
+        if api and "HTTP_TRANSFER_ENCODING" in request.META and not request.META.get("CONTENT_LENGTH"):
+            # Django would read a chunked body as empty, and the size limit could
+            # not be checked before reading it.
+            return error_response(411, "length_required", "Send the body with a Content-Length header.")
+        if self.body_too_large(request, api):
+            # Every path, the admin's too: a body this large is never read (the web
+            # worker drops it after the answer), so a slow one holds no thread.
+            return error_response(
+                413,
+                "request_too_large",
+                f"The request body is larger than {self.max_body_bytes} bytes.",
+            )
         return self.get_response(request)
 
-    def body_too_large(self, request: HttpRequest) -> bool:
+    def body_too_large(self, request: HttpRequest, api: bool) -> bool:
         try:
             return int(request.META.get("CONTENT_LENGTH") or 0) > self.max_body_bytes
         except ValueError:
-            return True
+            return api  # elsewhere Django itself refuses a bad length
 
     def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse | None:
         if isinstance(exc, DJANGO_HANDLED):

@@ -10,9 +10,9 @@ socket costs a buffer and a selector entry, never a thread:
 
 - an incomplete request is cut with a JSON 408 after `[server] header_timeout_s` (line
   and headers) or `body_timeout_s` (the body); a connection that sends nothing is closed;
-- a body over `[server] max_body_bytes` is answered 413 from here, then read to its end
-  and dropped, so a client that writes its whole body before reading (Python's urllib)
-  gets the answer instead of a connection reset;
+- a body over `[server] max_body_bytes` is not read: Django answers 413 from the headers,
+  then this loop reads the body to its end and drops it before closing, so a client that
+  writes its whole body before reading (Python's urllib) gets the answer, not a reset;
 - what gunicorn's parser refuses (a bad request line, headers too large or too many,
   Content-Length `abc` / `-1` / twice, Transfer-Encoding with Content-Length, a NUL) is
   answered in our JSON error shape, not gunicorn's HTML page.
@@ -53,7 +53,7 @@ PROTOCOL_CODES = {
     500: "server_error",
     501: "unsupported_transfer_coding",
 }
-REASONS = {408: "Request Timeout", 413: "Content Too Large"}
+REQUEST_TIMEOUT = "Request Timeout"
 
 
 def json_error_bytes(status: int, reason: str, message: str) -> bytes:
@@ -177,7 +177,10 @@ class BufferingThreadWorker(ThreadWorker):
                 self.dispatch(conn)  # no body, chunked, or a length the parser will refuse
                 return
             if length > self.max_body_bytes:
-                self.refuse_body(conn, request, length)
+                # Django answers 413 at once (with CORS, the request log, the metrics);
+                # the rest of the body is read and dropped after that answer.
+                conn.unread_body = length - (len(request.data) - request.head_end)
+                self.dispatch(conn)
                 return
             request.need = request.head_end + length
             request.deadline = time.monotonic() + self.body_timeout_s
@@ -200,19 +203,27 @@ class BufferingThreadWorker(ThreadWorker):
             self.send_now(conn, CONTINUE)
         return length or None
 
-    def refuse_body(self, conn: TConn, request: Request, length: int) -> None:
-        """413 at once, then read the rest of the body and drop it before closing: a
-        close with unread input makes the kernel send a reset, which destroys the answer
-        in the client's buffer before a client that writes first ever reads it."""
-        self.send_now(
-            conn,
-            json_error_bytes(413, REASONS[413], f"The request body is larger than {self.max_body_bytes} bytes."),
-        )
-        arrived = len(request.data) - request.head_end
-        request.data = bytearray()
-        request.drain_left = length
-        request.deadline = time.monotonic() + self.body_timeout_s
-        self.drop_body(conn, request, arrived)
+    def handle_request(self, req, conn: TConn) -> bool:
+        keepalive = super().handle_request(req, conn)
+        return keepalive and not getattr(conn, "unread_body", 0)
+
+    def finish_request(self, fs) -> None:
+        """Runs in the request's thread. A connection whose body was refused unread
+        is not closed yet: the event loop reads that body and drops it first, because
+        a close with unread input makes the kernel send a reset, which destroys the
+        answer in the client's buffer before a client that writes its whole body
+        first (Python's urllib) ever reads it."""
+        conn = fs.conn
+        unread = getattr(conn, "unread_body", 0)
+        if not self.buffering or fs.cancelled() or fs.exception() or not unread or fs.result()[0]:
+            return super().finish_request(fs)
+        conn.unread_body = 0
+        request = Request(time.monotonic() + self.body_timeout_s)
+        request.drain_left = unread
+        conn.sock.setblocking(False)
+        self.reading[conn] = request
+        with self._lock:
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
 
     def drop_body(self, conn: TConn, request: Request, count: int) -> None:
         request.drain_left -= count
@@ -253,10 +264,11 @@ class BufferingThreadWorker(ThreadWorker):
         if now < self.next_sweep:
             return
         self.next_sweep = now + SWEEP_EVERY_S
-        for conn, request in [(c, r) for c, r in self.reading.items() if r.deadline <= now]:
+        # list() copies in one step under the GIL: request threads add connections to drain.
+        for conn, request in [(c, r) for c, r in list(self.reading.items()) if r.deadline <= now]:
             if request.data and request.drain_left < 0:
                 part = "body" if request.head_end >= 0 else "headers"
                 timeout = self.body_timeout_s if request.head_end >= 0 else self.header_timeout_s
                 message = f"The request's {part} did not arrive within {timeout:g} s."
-                self.send_now(conn, json_error_bytes(408, REASONS[408], message))
+                self.send_now(conn, json_error_bytes(408, REQUEST_TIMEOUT, message))
             self.close_connection(conn)
