@@ -35,6 +35,7 @@ ERROR_TYPES = {
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
+    505: "invalid_request_error",
 }
 
 

@@ -7,6 +7,7 @@ subprocesses pointed at the test database; tests talk to them with `requests`.
 from __future__ import annotations
 
 import json as jsonlib
+import logging
 import os
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from apikeys.models import ApiKey
 from djangollmapi import processes
 from djangollmapi.metrics import clear_metrics_dir
 from llmjobs import events
+from tests import leaks
 from tests.helpers import wait_until
 
 LIVE_DEVICES = ("cpu", "cpu:1", "cpu:3")
@@ -39,6 +41,59 @@ def logs_dir() -> Path:
     path = data_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Secrets never logged (tests/leaks.py): what the in-process loggers wrote, where each
+# log file stood when the session started, and what the final scan found.
+KEPT_LOGS = leaks.KeptLogRecords()
+LOG_OFFSETS: dict[Path, int] = {}
+LEAKS: list[leaks.Leak | str] = []
+SCANNED: list[str] = []  # what the final scan covered
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """From here on, remember every key made and every secret of the test config, keep
+    every in-process log record, and note how far the log files already went."""
+    leaks.remember_issued_keys()
+    leaks.remember_test_secrets(
+        settings,
+        {
+            "the gateway's upstream secret": PROVIDER_SECRET,
+            "the gateway's wrong upstream secret": WRONG_PROVIDER_SECRET,
+        },
+    )
+    logging.getLogger().addHandler(KEPT_LOGS)
+    LOG_OFFSETS.update(leaks.log_offsets(logs_dir()))
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    KEPT_LOGS.current_test = nodeid
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a secret reached a log line (after every fixture, the
+    servers included, has stopped and flushed its log)."""
+    scan = leaks.scan_session(LOG_OFFSETS, logs_dir(), KEPT_LOGS)
+    SCANNED.append(scan.summary())
+    if KEPT_LOGS not in logging.getLogger().handlers:
+        LEAKS.append("the in-process log capture was removed from the root logger; the scan cannot vouch for it")
+    LEAKS.extend(scan.leaks)
+    if LEAKS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not SCANNED:
+        return
+    if not LEAKS:
+        terminalreporter.write_line(f"secrets never logged (tests/leaks.py): none found; {SCANNED[-1]}")
+        return
+    terminalreporter.section("secrets in logs (tests/leaks.py)", red=True)
+    for leak in LEAKS[:50]:
+        terminalreporter.write_line(str(leak))
+    if len(LEAKS) > 50:
+        terminalreporter.write_line(f"... and {len(LEAKS) - 50} more")
+    terminalreporter.write_line(f"{SCANNED[-1]}. The session fails: no secret may be logged.", red=True)
 
 
 def free_port() -> int:
@@ -230,6 +285,7 @@ def sdk(live, make_key):
 
 PROVIDER_SECRET = "dla_provider0key_" + "p" * 43  # the gateway's secret for the "provider"
 PROVIDER_SECRET_ENV = "DLA_TEST_PROVIDER_KEY"
+WRONG_PROVIDER_SECRET = "dla_nosuchkey000_" + "w" * 43  # the provider knows no such key
 
 
 @dataclass
@@ -283,7 +339,7 @@ def gateway(live, django_db_blocker) -> Iterator[Gateway]:
     env = {
         "DJANGO_LLM_API_CONFIG": str(config),
         PROVIDER_SECRET_ENV: PROVIDER_SECRET,
-        "DLA_TEST_WRONG_KEY": "dla_nosuchkey000_" + "w" * 43,
+        "DLA_TEST_WRONG_KEY": WRONG_PROVIDER_SECRET,
     }
     with django_db_blocker.unblock():
         web = start_web(port, **env)

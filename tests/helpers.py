@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from apikeys.models import ApiKey
+from tests.leaks import assert_no_secret
 
 T = TypeVar("T")
 
@@ -18,7 +19,9 @@ def key_row(plaintext: str) -> ApiKey:
 
 
 def error_of(response) -> dict:
-    """The OpenAI-shaped error body; fails the test if the shape is wrong."""
+    """The OpenAI-shaped error body; fails the test if the shape is wrong or the body
+    holds a secret the suite knows (tests/leaks.py)."""
+    assert_no_secret(response.content.decode(errors="replace"), "the error body")
     body = response.json()
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type", "code", "param"}, body
