@@ -49,9 +49,9 @@ PROTOCOL_CODES = {
     403: "forbidden",
     408: "request_timeout",
     413: "request_too_large",
-    431: "request_header_fields_too_large",
+    431: "request_header_too_large",
     500: "server_error",
-    501: "unsupported_transfer_coding",
+    501: "unsupported_transfer_encoding",
 }
 REQUEST_TIMEOUT = "Request Timeout"
 
