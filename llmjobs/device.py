@@ -116,11 +116,13 @@ class DeviceLoop:
     def publish_state(self) -> None:
         """Tell the web tier what waits here (positions, ETAs, the queue's depth): each
         deployment's queue in the order it will run, then the jobs still arriving (a
-        long step delays their queuing, not their place in this list). Runs in the
-        watchdog's thread, so it is current while a step runs."""
+        long step delays their queuing, not their place in this list). And tell the
+        reaper every job held here, so that it never ends one this process will. Runs
+        in the watchdog's thread, so it is current while a step runs."""
         with self.lock:
             deployments = {name: engine.state() for name, engine in list(self.engines.items())}
         with self._held_lock:
+            held = list(self._held)
             arriving = sorted((t for t in self._held.values() if not t.queued), key=lambda t: t.sent or 0.0)
         for ticket in arriving:
             entry = deployments.setdefault(
@@ -131,7 +133,7 @@ class DeviceLoop:
         waiting = sum(len(d["waiting"]) for d in deployments.values())
         try:
             queue = device_queue_name(self.device)
-            events.publish_device_state(queue, waiting, self.models(), deployments, ttl_s=STATE_TTL_S)
+            events.publish_device_state(queue, waiting, self.models(), deployments, ttl_s=STATE_TTL_S, held=held)
         except Exception:
             log.warning("publishing the device's state to Redis failed; retrying")
 

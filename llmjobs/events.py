@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,14 +146,23 @@ def clear_heartbeat(queue: str) -> None:
     redis_client().delete(heartbeat_key(queue), device_state_key(queue))
 
 
-def publish_device_state(queue: str, waiting: int, models: dict, deployments: dict, ttl_s: float) -> None:
-    """What the device's worker holds, as a hash of three fields so that each reader
+def publish_device_state(
+    queue: str, waiting: int, models: dict, deployments: dict, ttl_s: float, held: Sequence[str] = ()
+) -> None:
+    """What the device's worker holds, as a hash of four fields so that each reader
     decodes only its part: `waiting` (jobs waiting for a slot: the queue's depth for
-    backpressure, read with every call), `models` (load states, read with every call)
-    and `deployments` (per deployment, the waiting jobs in the order they will run, how
-    many run, how long a job takes lately: for positions and ETAs)."""
+    backpressure, read with every call), `models` (load states, read with every call),
+    `deployments` (per deployment, the waiting jobs in the order they will run, how
+    many run, how long a job takes lately: for positions and ETAs) and `held` (the id
+    of every job the process holds, running or not: what `llmjobs.reaper` trusts a
+    live worker to still end, whatever the broker lost)."""
     key = device_state_key(queue)
-    fields = {"waiting": waiting, "models": json.dumps(models), "deployments": json.dumps(deployments)}
+    fields = {
+        "waiting": waiting,
+        "models": json.dumps(models),
+        "deployments": json.dumps(deployments),
+        "held": json.dumps(list(held)),
+    }
     redis_client().pipeline(transaction=False).hset(key, mapping=fields).pexpire(key, int(ttl_s * 1000)).execute()
 
 

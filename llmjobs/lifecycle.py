@@ -352,11 +352,11 @@ def complete(job_id: str, outcome: Outcome) -> None:
 
 
 def fail_in_worker(
-    job_id: str, code: str, message: str, *, only_running: bool = False, device: DeviceUse | None = None
+    job_id: str, code: str, message: str, *, only_status: str | None = None, device: DeviceUse | None = None
 ) -> bool:
     """Fail (and refund) a job the worker could not finish, and tell its follower;
     nothing when it had ended already, e.g. its waiting request timed it out first."""
-    failed = fail(job_id, code, message, only_running=only_running, device=device)
+    failed = fail(job_id, code, message, only_status=only_status, device=device)
     if failed:
         events.emit(job_id, "error", code=code, message=message)
     return failed
@@ -440,13 +440,14 @@ def fail(
     message: str,
     *,
     refund: bool = True,
-    only_running: bool = False,
+    only_status: str | None = None,
     device: DeviceUse | None = None,
 ) -> bool:
     """Mark an active job failed and, unless `refund` is False (the client's own
     fault), give its call back, in one transaction: nobody sees a failed job whose
-    call is not yet refunded. Its reservation is released either way."""
-    statuses = [Job.Status.RUNNING] if only_running else Job.ACTIVE
+    call is not yet refunded. Its reservation is released either way. `only_status`:
+    only while the job is still in that status, the one its caller judged it in."""
+    statuses = [only_status] if only_status else Job.ACTIVE
     columns = ending_columns(device)
     with transaction.atomic():
         updated = Job.objects.filter(id=job_id, status__in=statuses).update(

@@ -25,6 +25,7 @@ from llmjobs import events, lifecycle
 from llmjobs.device import DeviceLoop, Watchdog
 from llmjobs.engine import JOB_FAILED_MESSAGE, Ticket
 from llmjobs.jobkinds import ModelUnavailable
+from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def fail_abandoned_job(job_id: str) -> None:
     """A job already marked running that reaches a worker again was redelivered because
     the process running it died (killed, out of memory, a CUDA crash). Running it again
     could kill the next process too, so it fails, refunded, and its client is told."""
-    if lifecycle.fail_in_worker(job_id, "worker_lost", WORKER_LOST_MESSAGE, only_running=True):
+    if lifecycle.fail_in_worker(job_id, "worker_lost", WORKER_LOST_MESSAGE, only_status=Job.Status.RUNNING):
         log.error("job %s was abandoned by a dead worker process; marked failed", job_id)
     else:
         log.info("job %s skipped: no longer queued", job_id)

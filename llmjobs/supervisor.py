@@ -8,6 +8,11 @@ touches the device, does: the jobs it was running fail `worker_lost`, refunded o
 (`llmjobs.lifecycle`); the ones it held but had not started go back to the queue
 at its head (Celery would redeliver them only after the visibility timeout); then a
 new worker process starts, after a backoff when they keep dying.
+
+While its worker process runs, it also sweeps for jobs lost anywhere (`llmjobs.reaper`:
+every queue, whoever's; one supervisor per interval, across hosts): it is the one
+process of each host that outlives its worker and never touches the device, so a
+host whose worker is gone for good is still swept by the others.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from django.db import close_old_connections
+
 from djangollmapi.celery import app as celery_app
 from djangollmapi.processes import die_with_parent
-from llmjobs import events, lifecycle
+from llmjobs import events, lifecycle, reaper
 from llmjobs.models import Job
 from llmjobs.runtime import WORKER_LOST_MESSAGE
 
@@ -46,7 +53,7 @@ def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]
     while True:
         began = time.monotonic()
         child = subprocess.Popen(argv, preexec_fn=die_with_parent)
-        status = child.wait()
+        status = wait_sweeping(child, node, say, lambda: stopping)
         if stopping:
             return status
         failed, requeued = recover(node, queue)
@@ -61,6 +68,32 @@ def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]
             return status
 
 
+def wait_sweeping(child: subprocess.Popen, node: str, say: Callable[[str], None], stopping: Callable[[], bool]) -> int:
+    """Wait for the worker process to exit, sweeping for lost jobs meanwhile: in this
+    thread, between waits (a thread beside `Popen`'s `preexec_fn` could deadlock the
+    next fork). A sweep that fails is said once, not at every interval of an outage."""
+    every = reaper.sweep_every_s(reaper.grace_s())
+    failing = False
+    while True:
+        try:
+            return child.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            if stopping():
+                continue
+        try:
+            close_old_connections()
+            for lost in reaper.sweep_if_due(node):
+                job = lost.job
+                say(f"job {job.id} ({job.model}, {job.status} on {job.queue}) was lost: failed {lost.code}, refunded")
+            failing = False
+        except Exception as exc:  # the supervisor must outlive any sweep
+            if not failing:
+                say(f"sweeping for lost jobs failed ({type(exc).__name__}: {exc}); retrying every {every:g} s")
+            failing = True
+        finally:
+            lifecycle.release_db_connection()
+
+
 def recover(node: str, queue: str) -> tuple[int, int]:
     """After the worker process `node` died: fail what it ran, requeue what it held."""
     events.clear_heartbeat(queue)
@@ -71,7 +104,7 @@ def recover(node: str, queue: str) -> tuple[int, int]:
 def fail_running_jobs(node: str) -> int:
     running = Job.objects.filter(status=Job.Status.RUNNING, worker=node, backend="local").values_list("id", flat=True)
     return sum(
-        lifecycle.fail_in_worker(str(job_id), "worker_lost", WORKER_LOST_MESSAGE, only_running=True)
+        lifecycle.fail_in_worker(str(job_id), "worker_lost", WORKER_LOST_MESSAGE, only_status=Job.Status.RUNNING)
         for job_id in list(running)
     )
 

@@ -31,6 +31,7 @@ DEFAULT_WEB_WORKERS = 2
 DEFAULT_WEB_THREADS = 32
 DEMO_MODEL_DIR = "smollm2-135m-instruct"
 MIN_HEARTBEAT_S = 0.1
+MIN_REAP_AFTER_S = 1.0
 # A job may overrun its soft limit by this much before the hard limit kills it.
 HARD_LIMIT_GRACE_S = 2.0
 # Celery redelivers an unacknowledged job after this much more than the hard limit.
@@ -60,6 +61,9 @@ class ServerConfig(Section):
     max_input_chars: Positive = 100_000
     job_timeout_s: PositiveSeconds = 120.0
     max_queue_depth: Positive = 1000
+    # A job no queue and no live worker holds any more is failed and refunded once it
+    # has been unseen this long (llmjobs.reaper); shorter would race a message in flight.
+    reap_after_s: Annotated[float, Field(ge=MIN_REAP_AFTER_S)] = 30.0
     store_payloads: bool = True
     # The daily usage rollups the console and /api/usage/ read (llmjobs.rollups), kept
     # as calls end; false stops them (the charts stay empty), e.g. to measure their cost.

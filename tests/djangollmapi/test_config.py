@@ -129,6 +129,7 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
         ("[worker]\nheartbeat_s = 0.001\n", "worker.heartbeat_s", "at least"),
         ("[server]\nport = 70000\n", "server.port", "at most 65535"),
         ("[server]\nmax_queue_depth = 0\n", "server.max_queue_depth", "must be positive"),
+        ("[server]\nreap_after_s = 0.5\n", "server.reap_after_s", "must be at least 1"),
         (
             "[[deployments]]\nname = 'x'\nalgorithm = 'a:B'\ntimeout_s = inf\n",
             "deployments[0].timeout_s",
