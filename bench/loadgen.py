@@ -234,9 +234,11 @@ class Pool:
         """Unmeasured calls first (at least two per client, so every connection is open)."""
         return self.run(load, max(requests, 2 * len(self.clients)))
 
-    def run(self, load: Load, n: int, stop: threading.Event | None = None) -> Outcome:
+    def run(self, load: Load, n: int, stop: threading.Event | None = None, max_errors: int = 0) -> Outcome:
         """n calls shared by the clients (a thread each); with `stop`, until it is set
-        (n is then the ceiling). Each call's index is its place in the run."""
+        (n is then the ceiling); with `max_errors`, until that many calls have failed (a
+        server that has stalled: each call costs the timeout). Each call's index is its
+        place in the run."""
         outcome = Outcome(stream=load.stream)
         remaining = iter(range(n))
 
@@ -244,7 +246,8 @@ class Pool:
             mine: list[Timing] = []
             while stop is None or not stop.is_set():
                 with outcome.lock:
-                    index = next(remaining, None)
+                    given_up = max_errors and outcome.error_count >= max_errors
+                    index = None if given_up else next(remaining, None)
                     if index is None:
                         break
                     outcome.attempted += 1

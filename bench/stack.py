@@ -46,6 +46,7 @@ DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/dla_bench"
 READY_TIMEOUT_S = 120
 
 T = TypeVar("T")
+WebArgv = Callable[[ServerConfig], list[str]]  # the web tier's command for a [server] shape
 
 
 # ---------------------------------------------------------------- signals
@@ -74,8 +75,8 @@ class Stack:
 
     `config_toml(tmp, port)` writes the benchmark's TOML; `devices` are the devices its
     deployments use (one `manage.py runworker` each, as `serve` starts them). The web
-    tier can be restarted with other worker/thread counts (`restart_web`) while Redis,
-    the database and the workers stay up.
+    tier can be restarted with other worker/thread counts, or as another web server
+    (`restart_web`), while Redis, the database and the workers stay up.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class Stack:
         self.devices = list(devices)
         self.web_workers = web_workers
         self.web_threads = web_threads
+        self.web_argv: WebArgv = processes.gunicorn_argv
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -158,18 +160,26 @@ class Stack:
                     "point REDIS_URL at a Redis (or db number) of its own, or unset it"
                 )
 
-    def start_web(self, workers: int, threads: int) -> None:
-        """gunicorn with the flags `serve` uses (`processes.gunicorn_argv`)."""
+    def start_web(self, workers: int, threads: int, web_argv: WebArgv | None = None) -> None:
+        """gunicorn with the flags `serve` uses (`processes.gunicorn_argv`), or the
+        command `web_argv` builds from the same `[server]` shape (another web server, for
+        a comparison); the choice holds for later restarts."""
         self.web_workers, self.web_threads = workers, threads
-        say(f"starting gunicorn gthread {workers}x{threads} on {self.base_url}")
-        shape = {"host": "127.0.0.1", "port": self.port, "web_workers": workers, "web_threads": threads}
-        argv = processes.gunicorn_argv(ServerConfig(data_dir=str(self.tmp)).model_copy(update=shape))
+        self.web_argv = web_argv or self.web_argv
+        say(f"starting the web tier ({self.web_argv.__name__}) {workers}x{threads} on {self.base_url}")
+        argv = self.web_argv(self.web_config(workers, threads))
         self.children.append(("web", processes.spawn(argv, env=self.env, log_path=self.logs / "web.log")))
 
-    def restart_web(self, workers: int, threads: int) -> None:
-        """Stop gunicorn and start it again with another shape; wait until it answers."""
+    def web_config(self, workers: int, threads: int) -> ServerConfig:
+        """The `[server]` shape the web tier is started with: this port, this size."""
+        shape = {"host": "127.0.0.1", "port": self.port, "web_workers": workers, "web_threads": threads}
+        return ServerConfig(data_dir=str(self.tmp)).model_copy(update=shape)
+
+    def restart_web(self, workers: int, threads: int, web_argv: WebArgv | None = None) -> None:
+        """Stop the web tier and start it again with another shape (or another
+        `web_argv`); wait until it answers."""
         self.stop_child("web")
-        self.start_web(workers, threads)
+        self.start_web(workers, threads, web_argv)
         self.wait_until_ready()
 
     def manage(self, *args: str) -> str:
