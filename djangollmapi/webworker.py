@@ -17,9 +17,11 @@ socket costs a buffer and a selector entry, never a thread:
   Content-Length `abc` / `-1` / twice, Transfer-Encoding with Content-Length, a NUL) is
   answered in our JSON error shape, not gunicorn's HTML page.
 
-Why not granian, whose Rust I/O holds no thread for a slow socket either and whose floor
-is faster: hyper answers those protocol errors itself with empty bodies and offers no
-hook to make them JSON. `bench/faults.py` measures both, side by side.
+Why not granian, whose Rust I/O reads slow heads without a thread and whose floor is
+faster: a slow *body* holds one of its blocking threads (WSGI reads the body there), so
+80 sockets dripping body bytes stalled it as 70 stalled gthread (`bench/faults.py`
+measures all three side by side); and hyper answers protocol errors itself with empty
+bodies, with no hook to make them JSON.
 """
 
 from __future__ import annotations
