@@ -142,7 +142,8 @@ ERROR_STATUSES = {
     "(`token_budget_exhausted`), a period budget would be crossed (`budget_exhausted`), or a rate limit is reached "
     "(`rate_limit_exceeded`), or the model's queue is full (`queue_full`); `Retry-After` says when there is room.",
     500: "The model raised (`job_failed`), its worker died (`worker_lost`), or the server failed (`internal_error`).",
-    502: "The upstream provider could not be reached or failed (`upstream_unreachable`, `upstream_error`).",
+    502: "The upstream provider could not be reached, failed, or sent too much (`upstream_unreachable`, "
+    "`upstream_error`, `upstream_response_too_large`).",
     503: "Retry later: no worker serves the model, its model failed to load, the key's rate "
     "limits cannot be checked, or the database, broker or provider is unavailable.",
     504: "The model (`job_timeout`) or the provider (`upstream_timeout`) did not answer in time.",

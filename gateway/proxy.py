@@ -68,6 +68,7 @@ def response_headers(job: Job, response: httpx.Response) -> dict[str, str]:
 def answer_plain(job: Job, route: UpstreamRoute, response: httpx.Response, note: dict) -> dict[str, Any]:
     try:
         data = upstream.read_json(route, response)
+        upstream.check_answer(route, job.kind, data)
     except UpstreamFailure as failure:
         fail(job, failure)
         raise
@@ -110,6 +111,7 @@ def relay_stream(
     asked too. Whatever stops this early (the client left) closes the provider's
     stream, which cancels its generation, and the job keeps what was streamed."""
     pieces: list[str] = []
+    kept = 0  # characters of text in `pieces`, bounded like a plain answer
     usage: tuple[int, int] | None = None
     ended = False
     try:
@@ -127,6 +129,9 @@ def relay_stream(
             text = delta_text(event)
             if text:
                 pieces.append(text)
+                kept += len(text)
+                if kept > route.upstream.max_response_bytes:
+                    raise upstream.too_large(route, route.upstream.max_response_bytes)
             if not call.include_usage:
                 if event.get("usage") and not event.get("choices"):
                     continue
@@ -154,9 +159,12 @@ def parse_event(route: UpstreamRoute, data: str) -> dict[str, Any]:
             502, "upstream_error", f"The provider {route.provider!r} sent an unreadable event."
         ) from None
     if not isinstance(event, dict):
-        raise UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unexpected event.")
-    if "error" in event:
-        raise upstream.error_in_stream(route, event)
+        raise upstream.unexpected(route, "event")
+    if event.get("error"):
+        raise upstream.provider_error(route, event)
+    # A chunk has choices (empty in the usage chunk); anything else is not OpenAI's shape.
+    if not isinstance(event.get("choices"), list) and not isinstance(event.get("usage"), dict):
+        raise upstream.unexpected(route, "event")
     return event
 
 

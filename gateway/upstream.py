@@ -7,12 +7,19 @@ nothing from the client (headers, fields) reaches the URL or the headers we send
 the gateway cannot be pointed elsewhere (no SSRF). Provider failures are translated:
 unreachable / 5xx → 502, too slow → 504, 4xx → passed through in the OpenAI shape.
 Messages never carry the provider's URL, host or secret.
+
+A provider is not trusted to behave: every read waits at most `timeout_s`, a whole
+body at most `total_timeout_s`, and no more than `max_response_bytes` of a plain
+answer (`max_event_bytes` of one stream line) is ever held in memory; an answer of
+the wrong shape is a 502 like any other failure of the provider.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +35,8 @@ log = logging.getLogger(__name__)
 PATHS = {Job.Kind.CHAT: "chat/completions", Job.Kind.COMPLETION: "completions", Job.Kind.EMBEDDINGS: "embeddings"}
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-groq-id", "openai-request-id")
 MAX_ERROR_MESSAGE = 2000
+# A provider's error body is read only for its message: more than this is not an error.
+MAX_ERROR_BODY_BYTES = 65_536
 
 
 @functools.cache
@@ -40,7 +49,9 @@ def http_client(name: str) -> httpx.Client:
         limits=httpx.Limits(
             max_connections=upstream.max_connections, max_keepalive_connections=upstream.max_connections
         ),
-        headers=dict(upstream.headers),
+        # Uncompressed, so the bytes we count are the bytes we hold (no gzip bomb);
+        # the config's `headers` may ask for compression again.
+        headers={"Accept-Encoding": "identity", **dict(upstream.headers)},
         follow_redirects=False,  # a redirect could carry the secret to another host
         trust_env=False,  # no proxy or netrc from the environment
     )
@@ -78,8 +89,11 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
     except httpx.TimeoutException:
         raise too_slow(route) from None
     except httpx.HTTPError as exc:
+        # It took the connection, then dropped or garbled it before a status line.
         log.warning("upstream %s failed: %s", route.provider, type(exc).__name__)
-        raise unreachable(route) from None
+        raise UpstreamFailure(
+            502, "upstream_error", f"The provider {route.provider!r} closed the connection without answering."
+        ) from None
     if response.status_code >= 300:
         try:
             raise failure_from_response(route, response)
@@ -100,6 +114,29 @@ def too_slow(route: UpstreamRoute) -> UpstreamFailure:
     )
 
 
+def too_long(route: UpstreamRoute) -> UpstreamFailure:
+    return UpstreamFailure(
+        504,
+        "upstream_timeout",
+        f"The provider {route.provider!r} did not finish its answer within {route.upstream.total_timeout_s:g} s.",
+    )
+
+
+def too_large(route: UpstreamRoute, limit: int) -> UpstreamFailure:
+    log.warning("upstream %s sent more than %s bytes", route.provider, limit)
+    return UpstreamFailure(
+        502, "upstream_response_too_large", f"The provider {route.provider!r} sent more than {limit} bytes."
+    )
+
+
+def unreadable(route: UpstreamRoute) -> UpstreamFailure:
+    return UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unreadable answer.")
+
+
+def unexpected(route: UpstreamRoute, what: str = "answer") -> UpstreamFailure:
+    return UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unexpected {what}.")
+
+
 def failure_from_response(route: UpstreamRoute, response: httpx.Response) -> UpstreamFailure:
     """5xx (and redirects) → 502; 4xx → the provider's error, in our shape."""
     status = response.status_code
@@ -107,9 +144,8 @@ def failure_from_response(route: UpstreamRoute, response: httpx.Response) -> Ups
         log.warning("upstream %s answered HTTP %s", route.provider, status)
         return UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} failed (HTTP {status}).")
     try:
-        response.read()
-        error = response.json().get("error")
-    except (httpx.HTTPError, ValueError, AttributeError):
+        error = json.loads(read_body(route, response, MAX_ERROR_BODY_BYTES)).get("error")
+    except (UpstreamFailure, ValueError, AttributeError):
         error = None
     if not isinstance(error, dict):
         error = {"message": f"The provider {route.provider!r} refused the request (HTTP {status})."}
@@ -148,38 +184,91 @@ def upstream_request_id(response: httpx.Response) -> str | None:
     return None
 
 
-def read_json(route: UpstreamRoute, response: httpx.Response) -> dict[str, Any]:
-    """The whole body of a plain (non-stream) answer."""
+def body_chunks(route: UpstreamRoute, response: httpx.Response) -> Iterator[bytes]:
+    """The body as it arrives; a read that waits longer than `timeout_s`, a body not
+    done `total_timeout_s` after its headers, or a broken connection is an
+    UpstreamFailure."""
+    deadline = time.monotonic() + route.upstream.total_timeout_s
     try:
-        response.read()
-        data = response.json()
+        for chunk in response.iter_bytes():
+            if time.monotonic() > deadline:
+                raise too_long(route)
+            yield chunk
     except httpx.TimeoutException:
         raise too_slow(route) from None
-    except (httpx.HTTPError, ValueError):
+    except httpx.HTTPError as exc:
+        log.warning("upstream %s broke its answer: %s", route.provider, type(exc).__name__)
         raise UpstreamFailure(
-            502, "upstream_error", f"The provider {route.provider!r} sent an unreadable answer."
+            502, "upstream_error", f"The answer from the provider {route.provider!r} broke off."
         ) from None
+
+
+def read_body(route: UpstreamRoute, response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the body: a longer one (declared or sent) is refused
+    as soon as it shows, and the connection dropped with the response."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(route, limit)
+    body = bytearray()
+    for chunk in body_chunks(route, response):
+        body += chunk
+        if len(body) > limit:
+            raise too_large(route, limit)
+    return bytes(body)
+
+
+def read_json(route: UpstreamRoute, response: httpx.Response) -> dict[str, Any]:
+    """The whole body of a plain (non-stream) answer, a JSON object of at most
+    `max_response_bytes`."""
+    try:
+        data = json.loads(read_body(route, response, route.upstream.max_response_bytes))
+    except ValueError:
+        raise unreadable(route) from None
     finally:
         response.close()
     if not isinstance(data, dict):
-        raise UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unexpected answer.")
+        raise unexpected(route)
     return data
+
+
+def check_answer(route: UpstreamRoute, kind: Job.Kind, data: dict[str, Any]) -> None:
+    """A plain answer has the shape its kind promises (`choices`, or `data` for
+    embeddings); an `error` object sent with a 200 is the provider's failure."""
+    if data.get("error"):
+        raise provider_error(route, data)
+    if kind == Job.Kind.EMBEDDINGS:
+        if not isinstance(data.get("data"), list):
+            raise unexpected(route)
+        return
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        raise unexpected(route)
 
 
 def sse_data(route: UpstreamRoute, response: httpx.Response) -> Iterator[str]:
     """The `data:` payloads of the provider's event stream as they arrive (comments
     and other fields skipped); transport failures become UpstreamFailure."""
-    try:
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                yield line[5:].strip()
-    except httpx.TimeoutException:
-        raise too_slow(route) from None
-    except httpx.HTTPError as exc:
-        log.warning("upstream %s stream broke: %s", route.provider, type(exc).__name__)
-        raise UpstreamFailure(
-            502, "upstream_error", f"The stream from the provider {route.provider!r} broke."
-        ) from None
+    for line in stream_lines(route, body_chunks(route, response)):
+        if line.startswith(b"data:"):
+            yield line[5:].strip().decode("utf-8", "replace")
+
+
+def stream_lines(route: UpstreamRoute, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of an event stream (CR, LF or CRLF ends), none longer than
+    `max_event_bytes`: a provider that never ends a line is cut off, not buffered."""
+    limit = route.upstream.max_event_bytes
+    partial = b""
+    for chunk in chunks:
+        # A CRLF split between chunks reads as an empty line more: SSE ignores it.
+        *lines, partial = (partial + chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")).split(b"\n")
+        for line in lines:
+            if len(line) > limit:
+                raise too_large(route, limit)
+            yield line
+        if len(partial) > limit:
+            raise too_large(route, limit)
+    if partial:
+        yield partial
 
 
 def usage_numbers(data: dict[str, Any]) -> tuple[int, int] | None:
@@ -193,10 +282,11 @@ def usage_numbers(data: dict[str, Any]) -> tuple[int, int] | None:
     return prompt, completion
 
 
-def error_in_stream(route: UpstreamRoute, event: dict[str, Any]) -> UpstreamFailure:
-    error = event.get("error") if isinstance(event.get("error"), dict) else {}
+def provider_error(route: UpstreamRoute, body: dict[str, Any]) -> UpstreamFailure:
+    """An `error` object the provider sent in a 200 answer or inside its stream."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
     return UpstreamFailure(
         502,
         clean_text(error.get("code"), route) or "upstream_error",
-        clean_text(error.get("message"), route) or f"The provider {route.provider!r} failed mid-stream.",
+        clean_text(error.get("message"), route) or f"The provider {route.provider!r} failed.",
     )

@@ -296,9 +296,15 @@ class Gateway(Live):
     log: Path = Path()
     mortal_port: int = 0
     provider_url: str = ""
+    bad_port: int = 0
 
 
-def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
+# The misbehaviours of the provider on `bad_port` (tests/gateway/test_upstream_faults.py),
+# each a model `bad-<name>` whose provider name is the behaviour.
+BAD_BEHAVIOURS = ("hang", "stall", "trickle", "reset", "garbage", "shape", "error", "huge", "endless")
+
+
+def gateway_config(provider_url: str, down_port: int, mortal_port: int, bad_port: int) -> str:
     """The test config plus the upstreams; relative paths made absolute, as the file
     lives in the data dir."""
     tests_dir = Path(__file__).resolve().parent
@@ -325,6 +331,11 @@ def gateway_config(provider_url: str, down_port: int, mortal_port: int) -> str:
         '\n[[upstreams]]\nname = "provider-mortal"\n'
         f'base_url = "http://127.0.0.1:{mortal_port}/v1"\napi_key_env = "{PROVIDER_SECRET_ENV}"\n'
         'models = { "up-mortal" = "slow-stream" }\n'
+        '\n[[upstreams]]\nname = "provider-bad"\n'
+        f'base_url = "http://127.0.0.1:{bad_port}/v1"\n'
+        "timeout_s = 1\nconnect_timeout_s = 1\ntotal_timeout_s = 2\n"
+        "max_response_bytes = 1_000_000\nmax_event_bytes = 65_536\n"
+        "models = { " + ", ".join(f'"bad-{name}" = "{name}"' for name in BAD_BEHAVIOURS) + " }\n"
     )
 
 
@@ -333,8 +344,8 @@ def gateway(live, django_db_blocker) -> Iterator[Gateway]:
     """Our server in front of `live` as its upstream provider, sharing its database,
     Redis and workers (the local models stay reachable through it too)."""
     config = data_dir() / "gateway.toml"
-    mortal_port = free_port()
-    config.write_text(gateway_config(live.url, down_port=free_port(), mortal_port=mortal_port))
+    mortal_port, bad_port = free_port(), free_port()
+    config.write_text(gateway_config(live.url, down_port=free_port(), mortal_port=mortal_port, bad_port=bad_port))
     port = free_port()
     env = {
         "DJANGO_LLM_API_CONFIG": str(config),
@@ -346,7 +357,9 @@ def gateway(live, django_db_blocker) -> Iterator[Gateway]:
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
         url, log = f"http://127.0.0.1:{port}", logs_dir() / f"web-{port}.log"
-        yield Gateway(url, live.redis, live.workers, log=log, mortal_port=mortal_port, provider_url=live.url)
+        yield Gateway(
+            url, live.redis, live.workers, log=log, mortal_port=mortal_port, provider_url=live.url, bad_port=bad_port
+        )
     finally:
         processes.stop(web)
 

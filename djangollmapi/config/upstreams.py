@@ -91,6 +91,14 @@ class Upstream(Section):
     prices: dict[str, Price] = Field(default_factory=dict)
     timeout_s: PositiveSeconds = 60.0
     connect_timeout_s: PositiveSeconds = 5.0
+    # The answer's body, a whole stream included, must have arrived this long after
+    # its headers (checked between reads, each of which waits at most timeout_s): a
+    # provider that trickles bytes cannot hold a thread for ever.
+    total_timeout_s: PositiveSeconds = 600.0
+    # The most read of a plain answer (and kept of a stream's text), and of one line of
+    # a stream; a provider that sends more is cut off (502), never held in memory.
+    max_response_bytes: Positive = 8_388_608
+    max_event_bytes: Positive = 1_048_576
     max_connections: Positive = 100
     headers: Annotated[tuple[tuple[str, str], ...], BeforeValidator(header_pairs)] = ()
     # Reserved from a key's token budget when a request names no max_tokens.
