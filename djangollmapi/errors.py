@@ -15,6 +15,7 @@ from rest_framework import exceptions as drf_exceptions
 log = logging.getLogger(__name__)
 
 BROKER_UNAVAILABLE = "The job queue is unavailable; retry later."
+DATABASE_UNAVAILABLE = "The database is unavailable; retry later."
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -17,7 +17,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from kombu.exceptions import OperationalError as BrokerError
 
 from djangollmapi import metrics
-from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError, error_response
+from djangollmapi.errors import BROKER_UNAVAILABLE, DATABASE_UNAVAILABLE, ApiError, error_response
 
 log = logging.getLogger("djangollmapi.errors")
 
@@ -136,7 +136,7 @@ class JsonErrorsMiddleware:
             return exc.response()
         if isinstance(exc, (OperationalError, InterfaceError)):
             log.error("database unavailable on %s: %s", request.path, type(exc).__name__)
-            return error_response(503, "database_unavailable", "The database is unavailable; retry later.")
+            return error_response(503, "database_unavailable", DATABASE_UNAVAILABLE)
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, BrokerError)):
             log.error("broker unavailable on %s: %s", request.path, type(exc).__name__)
             return error_response(503, "broker_unavailable", BROKER_UNAVAILABLE)

@@ -116,8 +116,15 @@ def database_settings(url: str, data_dir: Path) -> dict:
         db["CONN_MAX_AGE"] = None
         db["CONN_HEALTH_CHECKS"] = True
     if db["ENGINE"] == "django.db.backends.postgresql":
+        # Django's backend, lending only live pooled connections: after the database
+        # restarts, a request never gets a dead one (djangollmapi.postgresql.base).
+        db["ENGINE"] = "djangollmapi.postgresql"
         db["CONN_MAX_AGE"] = 0
-        db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 20, "timeout": 5}
+        # timeout: with the database down a request waits this long for a connection,
+        # then gets 503 database_unavailable. reconnect_timeout: the pool's reconnection
+        # attempts back off (1, 2, 4 ... s) and give up after this, so a new one starts
+        # at the next request: once the database is back, the next calls find it.
+        db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 20, "timeout": 2, "reconnect_timeout": 5}
         db["OPTIONS"].setdefault("connect_timeout", 3)
     return db
 

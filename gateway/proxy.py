@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
 from djangollmapi.middleware import log_fields, note_job
@@ -24,7 +25,7 @@ from djangollmapi.routes import UpstreamRoute
 from gateway import cache, upstream
 from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
-from gateway.streaming import client_gone_probe, sse_response
+from gateway.streaming import client_gone_probe, database_down_event, sse_response
 from gateway.upstream import UpstreamFailure
 from llmjobs import lifecycle
 from llmjobs.models import Job
@@ -141,9 +142,15 @@ def relay_stream(
         raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
     except UpstreamFailure as failure:
         ended = True
-        fail(job, failure)
         note["outcome"] = failure.code
+        try:
+            fail(job, failure)
+        except (OperationalError, InterfaceError):
+            log.error("job %s could not be marked failed: the database is unavailable", job.id)
         yield error_event(failure.status, failure.code, failure.message)
+    except (OperationalError, InterfaceError):
+        ended = True  # nothing more can be recorded
+        yield database_down_event(job, note)
     finally:
         response.close()
         if not ended:

@@ -16,11 +16,12 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils import timezone
 
 from djangollmapi import metrics
-from djangollmapi.errors import ApiError
+from djangollmapi.errors import DATABASE_UNAVAILABLE, ApiError
 from gateway.protocol.requests import GenerationCall
 from gateway.protocol.responses import (
     SSE_DONE,
@@ -113,11 +114,25 @@ def generation_stream(
                     yield stream_error(event.error, note)
                     return
         note["outcome"] = "client_gone"
+    except (OperationalError, InterfaceError):
+        yield database_down_event(job, note)
     except Exception:
         log.exception("stream of job %s failed", job.id)
-        lifecycle.fail(job.id, "internal_error", "The stream failed.")
+        try:
+            lifecycle.fail(job.id, "internal_error", "The stream failed.")
+        except DatabaseError as exc:  # the client still gets its error event
+            log.error("job %s could not be marked failed: %s", job.id, type(exc).__name__)
         note["outcome"] = "internal_error"
         yield error_event(500, "internal_error", "The server failed while streaming the answer.")
+
+
+def database_down_event(job: Job, note: dict) -> bytes:
+    """What a stream that has answered 200 says when the database goes away under it
+    (its job's ending cannot be written): the 503 a plain call gets, as an SSE event,
+    so the stream ends at once instead of breaking off. The row keeps its last state."""
+    log.error("stream of job %s: the database is unavailable", job.id)
+    note["outcome"] = "database_unavailable"
+    return error_event(503, "database_unavailable", DATABASE_UNAVAILABLE)
 
 
 def queued_comment(job: Job) -> bytes:
