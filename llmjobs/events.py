@@ -23,15 +23,25 @@ STREAM_TTL_S = 3600
 CANCEL_TTL_S = 3600
 TERMINAL_EVENTS = ("done", "error")
 MAX_BLOCK_MS = 5000
+BLOCK_MARGIN_S = 1.0  # a blocking read's socket timeout beyond its block time
 
 
 @functools.cache
-def redis_client() -> redis.Redis:
-    """One pooled client per process; short connect timeout so an outage is a quick 503."""
+def redis_client(blocking: bool = False) -> redis.Redis:
+    """One pooled client per process. Its socket timeouts make a Redis that is down or
+    frozen fail a call within `REDIS_SOCKET_TIMEOUT_S` (a quick 503), never a hang.
+    `blocking` is its twin for the reads that wait on a job's stream (XREAD BLOCK, at
+    most MAX_BLOCK_MS): the same server, a socket timeout that outlasts the longest
+    block. A connection broken by a restarted Redis is replaced when next taken."""
+    if blocking:
+        pool = redis_client().connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": MAX_BLOCK_MS / 1000 + BLOCK_MARGIN_S}
+        return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    timeout_s = settings.REDIS_SOCKET_TIMEOUT_S
     return redis.Redis.from_url(
         settings.REDIS_URL,
-        socket_connect_timeout=2,
-        socket_timeout=(MAX_BLOCK_MS / 1000) + 5,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
         health_check_interval=30,
         decode_responses=True,
     )
@@ -89,7 +99,8 @@ def decoded(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
 def read_events(job_id: str, after: str, block_ms: int) -> list[tuple[str, str, dict[str, Any]]]:
     """Events after entry id `after` as (id, event, data), waiting up to `block_ms`
     (at most MAX_BLOCK_MS) for the first one; [] when none came."""
-    reply = redis_client().xread({stream_key(job_id): after}, block=max(1, min(block_ms, MAX_BLOCK_MS)))
+    block_ms = max(1, min(block_ms, MAX_BLOCK_MS))
+    reply = redis_client(blocking=True).xread({stream_key(job_id): after}, block=block_ms)
     return [(entry_id, *decoded(fields)) for _stream, entries in reply or () for entry_id, fields in entries]
 
 

@@ -21,6 +21,7 @@ from django.db import close_old_connections
 from algorithms.capabilities import Capabilities, capabilities_of
 from algorithms.loader import build_algorithm
 from djangollmapi import metrics
+from djangollmapi.celery import consuming
 from llmjobs import events, lifecycle
 from llmjobs.device import DeviceLoop, Watchdog
 from llmjobs.engine import JOB_FAILED_MESSAGE, Ticket
@@ -204,15 +205,23 @@ def preload_algorithms(device: str) -> None:
 
 def start_heartbeat(device: str) -> threading.Thread:
     """Tell the web tier this device's queue has a live worker: a key with a short TTL,
-    refreshed from a daemon thread. No key → requests fail fast with 503."""
+    refreshed from a daemon thread while Celery consumes the queue (not before it
+    has, nor while it reconnects to a restarted Redis). No key → requests fail fast
+    with 503."""
     queue = device_queue_name(device)
     interval = settings.LLM_CONFIG.worker.heartbeat_s
     stop = threading.Event()
 
     def beat_forever() -> None:
+        beating = False
         while not stop.is_set():
             try:
-                events.beat(queue, ttl_s=interval * 3)
+                if consuming.is_set():
+                    events.beat(queue, ttl_s=interval * 3)
+                    beating = True
+                elif beating:  # it stopped consuming (a warm shutdown, a lost broker): no new jobs
+                    events.clear_heartbeat(queue)
+                    beating = False
             except Exception:
                 log.warning("heartbeat to Redis failed; retrying")
             stop.wait(interval)

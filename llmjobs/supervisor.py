@@ -27,13 +27,10 @@ from django.db import close_old_connections
 
 from djangollmapi.celery import app as celery_app
 from djangollmapi.processes import die_with_parent
+from djangollmapi.supervision import Backoff
 from llmjobs import events, lifecycle, reaper
 from llmjobs.models import Job
 from llmjobs.runtime import WORKER_LOST_MESSAGE
-
-FIRST_BACKOFF_S = 0.5
-MAX_BACKOFF_S = 30.0
-STEADY_S = 60.0  # a process that ran this long was healthy: the next restart is prompt again
 
 
 def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]) -> int:
@@ -49,7 +46,7 @@ def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    backoff = 0.0
+    backoff = Backoff()
     while True:
         began = time.monotonic()
         child = subprocess.Popen(argv, preexec_fn=die_with_parent)
@@ -57,13 +54,12 @@ def supervise(argv: list[str], node: str, queue: str, say: Callable[[str], None]
         if stopping:
             return status
         failed, requeued = recover(node, queue)
-        steady = time.monotonic() - began > STEADY_S
-        backoff = FIRST_BACKOFF_S if steady or not backoff else min(backoff * 2, MAX_BACKOFF_S)
+        delay = backoff.after(time.monotonic() - began)
         say(
             f"worker process for {queue} exited with status {status}: {failed} running job(s) failed,"
-            f" {requeued} held message(s) back in the queue; restarting in {backoff:g} s"
+            f" {requeued} held message(s) back in the queue; restarting in {delay:g} s"
         )
-        time.sleep(backoff)
+        time.sleep(delay)
         if stopping:
             return status
 
@@ -107,6 +103,14 @@ def fail_running_jobs(node: str) -> int:
         lifecycle.fail_in_worker(str(job_id), "worker_lost", WORKER_LOST_MESSAGE, only_status=Job.Status.RUNNING)
         for job_id in list(running)
     )
+
+
+def fail_unfinished_jobs(queues: list[str], message: str) -> int:
+    """Fail (refunded) the local jobs of `queues` still queued or running, once no
+    worker will ever end them: `serve` stopped its workers, and its embedded Redis,
+    which holds their messages and events, goes next."""
+    active = Job.objects.filter(status__in=Job.ACTIVE, backend="local", queue__in=queues).values_list("id", flat=True)
+    return sum(lifecycle.fail(job_id, "server_stopped", message) for job_id in list(active))
 
 
 def requeue_held_jobs(queue: str) -> int:

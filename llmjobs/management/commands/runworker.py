@@ -15,6 +15,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from djangollmapi.celery import app as celery_app
+from djangollmapi.celery import transport_options
 from djangollmapi.config import DEVICE_PATTERN
 from djangollmapi.processes import manage_argv
 from llmjobs import runtime, supervisor
@@ -85,6 +86,8 @@ class Command(BaseCommand):
 
     def run_worker_process(self, device: str, preload: bool, loglevel: str, node: str) -> None:
         os.environ[runtime.DEVICE_ENV] = device
+        # The worker's broker connection: longer socket timeouts than the web's publish.
+        celery_app.conf.broker_transport_options = transport_options(worker=True)
         runtime.start_device(device, preload)
         celery_app.worker_main(worker_argv(device, loglevel, node))
 
