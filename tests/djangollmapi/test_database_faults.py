@@ -10,19 +10,13 @@ calls succeed by themselves: no stale pooled connection is handed to a request.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import pwd
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from glob import glob
-from pathlib import Path
 
 import pytest
 import requests
@@ -30,11 +24,11 @@ import requests
 from djangollmapi import processes
 from tests.conftest import child_env, free_port, logs_dir, start_web, wait_for_heartbeat, wait_for_http
 from tests.helpers import error_of, wait_until
+from tests.pgcluster import COMMAND_TIMEOUT_S, Cluster, private_cluster
 
 pytestmark = pytest.mark.faults
 
 DEVICE = "cpu:5"  # a device of this test's own config only: no other worker serves its queue
-COMMAND_TIMEOUT_S = 120
 DOWN_ANSWER_S = 8  # generous bound on a call while the database is down (the pool waits 2 s)
 JOB_TIMEOUT_S = 6
 
@@ -59,76 +53,10 @@ options = {{ token_delay_ms = 100, repeat = true, max_new_tokens = 1000 }}
 """
 
 
-def postgres_bin() -> Path | None:
-    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    on_path = shutil.which("initdb")
-    return Path(on_path).parent if on_path else None
-
-
-@dataclass
-class Cluster:
-    """A throwaway PostgreSQL cluster, run as `postgres` when this test runs as root."""
-
-    bin: Path
-    root: Path
-    port: int
-    as_user: list[str]
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def url(self) -> str:
-        return f"postgres://postgres@127.0.0.1:{self.port}/dla"
-
-    def run(self, tool: str, *args: str) -> None:
-        subprocess.run(
-            [*self.as_user, str(self.bin / tool), *args],
-            check=True,
-            timeout=COMMAND_TIMEOUT_S,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    def init(self) -> None:
-        self.run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
-        self.start()
-        self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "dla")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        log = str(self.root / "postgres.log")
-        self.run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "30", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    binaries = postgres_bin()
-    if binaries is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="dla-pg-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a postgres user to run the cluster as")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    made = Cluster(binaries, root, free_port(), as_user)
-    try:
-        made.init()
+    with private_cluster(free_port()) as made:
         yield made
-    finally:
-        with contextlib.suppress(Exception):
-            made.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
