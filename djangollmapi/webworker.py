@@ -37,6 +37,8 @@ from functools import partial
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from djangollmapi import draining
+
 HEAD_END = b"\r\n\r\n"
 RECV_BYTES = 256 * 1024
 SWEEP_EVERY_S = 0.5
@@ -253,6 +255,11 @@ class BufferingThreadWorker(ThreadWorker):
             self.poller.unregister(conn.sock)
         self.nr_conns -= 1
         conn.close()
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: stop accepting, and end waits on jobs inside the grace, answered."""
+        super().handle_exit(sig, frame)
+        draining.begin(self.cfg.graceful_timeout)
 
     def murder_keepalived(self) -> None:
         super().murder_keepalived()

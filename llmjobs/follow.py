@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from djangollmapi import draining
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from llmjobs import events, lifecycle
 from llmjobs.models import Job
@@ -41,7 +42,9 @@ ERROR_STATUS = {
     "model_unavailable": 503,
     "unsupported_operation": 400,
     "cancelled": 409,
+    "server_stopping": 503,
 }
+SERVER_STOPPING = "The server is restarting and could not wait for this job; it was stopped, and not charged. Retry."
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def follow_job(job: Job, timeout_s: float, client_gone: Callable[[], bool] | Non
                 return
         if client_gone is None or not client_gone():
             ended = True
-            yield give_up(job, timeout_s)
+            yield stop_waiting(job) if draining.draining() else give_up(job, timeout_s)
         else:
             log.info("client of job %s went away; cancelling", job.id)
     except redis.RedisError:
@@ -104,7 +107,7 @@ def job_events(job: Job, timeout_s: float, client_gone: Callable[[], bool] | Non
     slice_ms = PLAIN_READ_SLICE_MS if client_gone is None else STREAM_READ_SLICE_MS
     deadline = time.monotonic() + timeout_s
     last_id, quiet_since = "0-0", time.monotonic()
-    while (remaining := deadline - time.monotonic()) > 0:
+    while (remaining := min(deadline, draining.stop_at() or deadline) - time.monotonic()) > 0:
         if client_gone is not None and client_gone():
             return
         entries = events.read_events(str(job.id), last_id, min(int(remaining * 1000), slice_ms))
@@ -139,6 +142,17 @@ def give_up(job: Job, timeout_s: float) -> Done | Failed:
     case its recorded outcome is the answer."""
     if lifecycle.time_out(job.id):
         return Failed(ApiError(504, "job_timeout", f"The model did not answer within {timeout_s:g} s."))
+    return recorded_ending(job)
+
+
+def stop_waiting(job: Job) -> Done | Failed:
+    """The web process is stopping (djangollmapi.draining): fail, refund and stop the
+    job (503, retry elsewhere), unless it ended meanwhile."""
+    failed = lifecycle.fail(job.id, "server_stopping", "The web server stopped before the job ended.")
+    with contextlib.suppress(redis.RedisError):
+        events.request_cancel(str(job.id))
+    if failed:
+        return Failed(ApiError(503, "server_stopping", SERVER_STOPPING, headers={"Retry-After": "1"}))
     return recorded_ending(job)
 
 

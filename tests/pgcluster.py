@@ -57,6 +57,9 @@ class Cluster:
 
     def init(self) -> None:
         self.run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        if self.host != "127.0.0.1":  # initdb trusts loopback only; it listens on nothing else
+            with open(self.data / "pg_hba.conf", "a") as rules:
+                rules.write("host all all 0.0.0.0/0 trust\n")
         self.start()
         self.run("createdb", "-h", self.host, "-p", str(self.port), "-U", "postgres", "dla")
 
