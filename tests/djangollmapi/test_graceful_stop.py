@@ -48,8 +48,10 @@ def test_waits_longer_than_the_grace_are_answered_json_and_refunded(live, make_k
     for caller in callers:
         caller.start()
     wait_until(
-        lambda: Job.objects.filter(api_key=api_key).count() == 2
-        and Job.objects.filter(api_key=api_key, status=Job.Status.RUNNING).exists(),
+        lambda: (
+            Job.objects.filter(api_key=api_key).count() == 2
+            and Job.objects.filter(api_key=api_key, status=Job.Status.RUNNING).exists()
+        ),
         30,
         "both jobs to be submitted and one to run (the other may wait for the device)",
     )

@@ -20,6 +20,22 @@ ROOT = Path(__file__).resolve().parents[2]
 STRIPPED_ENV = ("DATABASE_URL", "REDIS_URL", "DJANGO_LLM_API_DATA_DIR", "DLA_TEST_EMBEDDED_REDIS")
 
 
+def start_serve(config: Path, **popen) -> subprocess.Popen:
+    """`manage.py serve --demo` on `config` as a user starts it: none of the suite's own
+    services in its environment, its output a text pipe."""
+    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+    env.update(DJANGO_LLM_API_CONFIG=str(config), DJANGO_SETTINGS_MODULE="djangollmapi.settings", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "serve", "--demo"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 def processes_with_env(name: str, value: str) -> list[int]:
     """Pids of live processes whose environment has name=value."""
     needle = f"{name}={value}".encode()
@@ -68,18 +84,8 @@ def served(tmp_path):
         '[[deployments]]\nname = "unprepared"\nalgorithm = "algorithms.transformers_lm:TextGeneration"\n'
         'options = { model_path = "never-prepared" }\n'
     )
-    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-    env.update(DJANGO_LLM_API_CONFIG=str(config), DJANGO_SETTINGS_MODULE="djangollmapi.settings", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "serve", "--demo"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # As a shell starts a background job: SIGINT arrives ignored, Ctrl-C must still work.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    # As a shell starts a background job: SIGINT arrives ignored, Ctrl-C must still work.
+    process = start_serve(config, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     yield process, str(config)
     if process.poll() is None:
         process.kill()

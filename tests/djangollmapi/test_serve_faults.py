@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +20,11 @@ import pytest
 import requests
 
 from tests.conftest import free_port
-from tests.djangollmapi.test_serve import STRIPPED_ENV
+from tests.djangollmapi.test_serve import start_serve as start_serve_process
 from tests.helpers import error_of, wait_until
 
 pytestmark = pytest.mark.faults
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENT_TIMEOUT_S = 3  # a failure must be answered within this, never a hang
 READY_S = 120
 RECOVERY_S = 60
@@ -120,16 +118,7 @@ def start_serve(tmp_path: Path) -> Served:
         '[[deployments]]\nname = "slow"\nalgorithm = "algorithms.echo:Echo"\n'
         f"options = {{ delay_ms = {SLOW_MS} }}\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-    env.update(DJANGO_LLM_API_CONFIG=str(config), DJANGO_SETTINGS_MODULE="djangollmapi.settings", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "serve", "--demo"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_serve_process(config)
     served = Served(process, f"http://127.0.0.1:{port}", data_dir)
     threading.Thread(target=served.read_output, daemon=True).start()
     served.wait_for_output("serving on", READY_S)
