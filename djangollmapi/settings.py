@@ -115,6 +115,9 @@ def database_settings(url: str, data_dir: Path) -> dict:
         }
         db["CONN_MAX_AGE"] = None
         db["CONN_HEALTH_CHECKS"] = True
+        # Django's backend with writers queued in the kernel, not in SQLite's busy
+        # handler's sleeps (djangollmapi.sqlite.base).
+        db["ENGINE"] = "djangollmapi.sqlite"
     if db["ENGINE"] == "django.db.backends.postgresql":
         # Django's backend, lending only live pooled connections: after the database
         # restarts, a request never gets a dead one (djangollmapi.postgresql.base).
