@@ -95,6 +95,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     multiprocess.MultiProcessCollector(registry)
     registry.register(DeviceQueues())
     registry.register(KeyBudgets())
+    registry.register(Breakers())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
@@ -165,6 +166,27 @@ class KeyBudgets:
         except Exception as exc:  # the database down: the process metrics still answer
             log.warning("metrics: key budgets unavailable: %s", type(exc).__name__)
         yield from (calls, tokens)
+
+
+class Breakers:
+    """Each upstream provider's circuit breaker (gateway.breaker), read when scraped:
+    its state (1 for the one it is in) and its failures in a row."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from gateway import breaker
+
+        state = GaugeMetricFamily(
+            "dla_upstream_breaker_state", "1 for the state the provider's breaker is in.", labels=["provider", "state"]
+        )
+        failures = GaugeMetricFamily(
+            "dla_upstream_consecutive_failures", "The provider's failures in a row.", labels=["provider"]
+        )
+        providers = [u.name for u in settings.LLM_CONFIG.upstreams]
+        for provider, entry in breaker.board().report(providers).items():
+            for phase in breaker.PHASES:
+                state.add_metric([provider, phase], 1 if entry["state"] == phase else 0)
+            failures.add_metric([provider], entry["consecutive_failures"])
+        yield from (state, failures)
 
 
 def clear_metrics_dir(path: Path) -> None:

@@ -5,7 +5,8 @@ lifecycle); the web process forwards the request itself (no worker: the provider
 the device). Usage comes from the provider's `usage`; a stream passes through chunk by
 chunk as it arrives, and one that breaks ends with an SSE error event, never a silent
 cut. What a provider's failure costs, and what its answer is charged, is the
-lifecycle's billing policy.
+lifecycle's billing policy; what it says of the provider, its circuit breaker's
+(`gateway.breaker`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import httpx
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
+from djangollmapi import metrics
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import UpstreamRoute
-from gateway import cache, upstream
+from gateway import breaker, cache, upstream
 from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, database_down_event, sse_response
@@ -42,8 +44,11 @@ def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None)
     try:
         response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
     except UpstreamFailure as failure:
+        heard(route, failure)
         fail(job, failure)
         raise
+    if call.stream:
+        heard(route)
     headers = response_headers(job, response)
     if call.stream:
         stream = relay_stream(job, route, call, response, client_gone_probe(request), note)
@@ -56,6 +61,19 @@ def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None)
     for name, value in headers.items():
         answer[name] = value
     return answer
+
+
+def heard(route: UpstreamRoute, failure: UpstreamFailure | None = None) -> None:
+    """What a call taught of its provider: an answer (a refusal of the request itself is
+    one) closes its breaker; its own failure counts towards opening it, with the
+    Retry-After it sent. Every failure is counted in the metrics."""
+    policy = breaker.Policy.of(route.upstream)
+    if failure is None or not failure.moves_on:
+        breaker.board().succeeded(route.provider, policy)
+    if failure is not None:
+        metrics.UPSTREAM_ERRORS.labels(route.provider, failure.code).inc()
+        if failure.moves_on and failure.provider_fault:
+            breaker.board().failed(route.provider, policy, failure.retry_after_s)
 
 
 def response_headers(job: Job, response: httpx.Response) -> dict[str, str]:
@@ -71,8 +89,10 @@ def answer_plain(job: Job, route: UpstreamRoute, response: httpx.Response, note:
         data = upstream.read_json(route, response)
         upstream.check_answer(route, job.kind, data)
     except UpstreamFailure as failure:
+        heard(route, failure)
         fail(job, failure)
         raise
+    heard(route)
     data["model"] = route.name
     finish(job, route, answer_text(data), upstream.usage_numbers(data), 1, note)
     return data
@@ -143,6 +163,7 @@ def relay_stream(
     except UpstreamFailure as failure:
         ended = True
         note["outcome"] = failure.code
+        heard(route, failure)
         try:
             fail(job, failure)
         except (OperationalError, InterfaceError):

@@ -646,7 +646,6 @@ def fail_upstream(job: Job, status: int, code: str, message: str) -> None:
     """A provider call that failed; refunded unless the provider refused the client's
     own request (a 4xx that is not about our secret or our limits there)."""
     client_fault = 400 <= status < 500 and status not in PROVIDER_SIDE_4XX
-    metrics.UPSTREAM_ERRORS.labels(job.backend, code).inc()
     fail(job.id, code, message, refund=not client_fault)
 
 

@@ -179,6 +179,8 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
         (UPSTREAM + "models = ['m']\nprices = { m = { in = 1 } }\n", "upstreams[0].prices.m.in", "unknown key"),
         (UPSTREAM + "models = ['m']\nheaders = ['a']\n", "upstreams[0].headers", "must be a table, got array"),
         ("[jwt]\na = 1\n", "jwt.a", "unknown key"),  # the typo first, not the keys it hid
+        (UPSTREAM + "models = ['m']\nallowed_fails = 0\n", "upstreams[0].allowed_fails", "must be positive"),
+        (UPSTREAM + "models = ['m']\ncooldown_s = 0\n", "upstreams[0].cooldown_s", "must be positive"),
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):
