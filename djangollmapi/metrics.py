@@ -81,6 +81,16 @@ DEVICE_BUSY_SECONDS = counter(
     "dla_device_busy_seconds", "Time the device ran model steps: its rate is the busy share.", ["device"]
 )
 UPSTREAM_ERRORS = counter("dla_upstream_errors", "Failed upstream calls, by provider and code.", ["provider", "code"])
+FALLBACKS = counter(
+    "dla_fallbacks",
+    "Route calls handed on after a backend failed, by route, backend and code.",
+    ["model", "backend", "code"],
+)
+BACKEND_SKIPS = counter(
+    "dla_backend_skips",
+    "Route calls that skipped a backend (open, half_open, retry_after), by route, backend and reason.",
+    ["model", "backend", "reason"],
+)
 
 
 @never_cache

@@ -4,10 +4,10 @@ The same admission, quota, token reservation and Job row as a local call (the jo
 lifecycle); the web process forwards the request itself (no worker: the provider is
 the device). Usage comes from the provider's `usage`; a stream passes through chunk by
 chunk as it arrives, once its first event has (so a stream that fails before it fails
-like a plain call, with its status); one that breaks later ends with an SSE error
-event, never a silent cut. What a provider's failure costs, and what its answer is
-charged, is the lifecycle's billing policy; what it says of the provider, its circuit
-breaker's (`gateway.breaker`).
+like a plain call, and a route may try its next backend, `gateway.fallbacks`); one
+that breaks later ends with an SSE error event, never a silent cut. What a provider's
+failure costs, and what its answer is charged, is the lifecycle's billing policy; what
+it says of the provider, its circuit breaker's (`gateway.breaker`).
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None)
     return answer_upstream(request, job, route, call, slot)
 
 
-def answer_upstream(request, job: Job, route: UpstreamRoute, call: UpstreamCall, slot: Any = None) -> HttpResponseBase:
+def answer_upstream(
+    request, job: Job, route: UpstreamRoute, call: UpstreamCall, slot: Any = None, *, last: bool = True
+) -> HttpResponseBase:
     """Forward `job`'s call to `route`'s provider and answer as it did, with the name
     the client called. Until something reaches the client (a plain answer read whole
     and checked, a stream's first event) a failure is raised as an UpstreamFailure and
-    fails the job. The provider's circuit breaker hears of every outcome."""
+    fails the job, unless `last` is False and another backend may do better
+    (`moves_on`): the job then stays active for its route's next backend. The
+    provider's circuit breaker hears of every outcome."""
     note = log_fields(request)
     try:
         response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
@@ -60,7 +64,8 @@ def answer_upstream(request, job: Job, route: UpstreamRoute, call: UpstreamCall,
             upstream.check_answer(route, job.kind, data)
     except UpstreamFailure as failure:
         heard(route, failure)
-        fail(job, failure)
+        if last or not failure.moves_on:
+            fail(job, failure)
         raise
     heard(route)
     headers = response_headers(job, response)
@@ -93,7 +98,7 @@ def heard(route: UpstreamRoute, failure: UpstreamFailure | None = None) -> None:
 
 def first_event_read(response: httpx.Response, events: Iterator[dict | None]) -> Iterator[dict | None]:
     """The provider's stream with its first event already read, so a stream that fails
-    before it fails before anything reached the client."""
+    before it fails before anything reached the client (and a route may go on)."""
     try:
         first = next(events)
     except BaseException:
