@@ -1,6 +1,7 @@
 """Probes for load balancers and operators, no key needed and nothing secret in them:
-`/healthz` (this process answers) and `/readyz` (the database, Redis, and for each
-deployment whether a worker serves its device and whether its model loaded)."""
+`/healthz` (this process answers) and `/readyz` (the database, Redis, for each
+deployment whether a worker serves its device and whether its model loaded, and each
+upstream provider's circuit breaker)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
     deployments = deployment_states() if checks["redis"] else {}
     ready = all(checks.values()) and all(d["worker"] for d in deployments.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks, "deployments": deployments}
+    if settings.LLM_CONFIG.upstreams:
+        # Shown, never a reason to be not ready: a provider's outage is not this node's.
+        body["providers"] = provider_states()
     return JsonResponse(body, status=200 if ready else 503)
 
 
@@ -76,3 +80,12 @@ def deployment_states() -> dict[str, dict[str, Any]]:
                 entry["error"] = load["error"]
             states[deployment.name] = entry
     return states
+
+
+def provider_states() -> dict[str, dict[str, Any]]:
+    """Each upstream provider's circuit breaker: `closed`, `open` (with `retry_in_s`)
+    or `half_open`, its `consecutive_failures`, and `retry_after_s` while its
+    Retry-After runs (from this process's own states while Redis is away)."""
+    from gateway import breaker
+
+    return breaker.board().report(u.name for u in settings.LLM_CONFIG.upstreams)

@@ -81,6 +81,16 @@ DEVICE_BUSY_SECONDS = counter(
     "dla_device_busy_seconds", "Time the device ran model steps: its rate is the busy share.", ["device"]
 )
 UPSTREAM_ERRORS = counter("dla_upstream_errors", "Failed upstream calls, by provider and code.", ["provider", "code"])
+FALLBACKS = counter(
+    "dla_fallbacks",
+    "Route calls handed on after a backend failed, by route, backend and code.",
+    ["model", "backend", "code"],
+)
+BACKEND_SKIPS = counter(
+    "dla_backend_skips",
+    "Route calls that skipped a backend (open, half_open, retry_after), by route, backend and reason.",
+    ["model", "backend", "reason"],
+)
 
 
 @never_cache
@@ -95,6 +105,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     multiprocess.MultiProcessCollector(registry)
     registry.register(DeviceQueues())
     registry.register(KeyBudgets())
+    registry.register(Breakers())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
@@ -165,6 +176,27 @@ class KeyBudgets:
         except Exception as exc:  # the database down: the process metrics still answer
             log.warning("metrics: key budgets unavailable: %s", type(exc).__name__)
         yield from (calls, tokens)
+
+
+class Breakers:
+    """Each upstream provider's circuit breaker (gateway.breaker), read when scraped:
+    its state (1 for the one it is in) and its failures in a row."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from gateway import breaker
+
+        state = GaugeMetricFamily(
+            "dla_upstream_breaker_state", "1 for the state the provider's breaker is in.", labels=["provider", "state"]
+        )
+        failures = GaugeMetricFamily(
+            "dla_upstream_consecutive_failures", "The provider's failures in a row.", labels=["provider"]
+        )
+        providers = [u.name for u in settings.LLM_CONFIG.upstreams]
+        for provider, entry in breaker.board().report(providers).items():
+            for phase in breaker.PHASES:
+                state.add_metric([provider, phase], 1 if entry["state"] == phase else 0)
+            failures.add_metric([provider], entry["consecutive_failures"])
+        yield from (state, failures)
 
 
 def clear_metrics_dir(path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from djangollmapi.routes import LocalRoute, Route
+from djangollmapi.routes import FallbackRoute, LocalRoute, Route
 from llmjobs import events
 from llmjobs.models import Job
 
@@ -43,6 +43,8 @@ class Slot:
 def slot_for(route: Route, kind: str, call: Any, key_prefix: str) -> Slot | None:
     """The call's cache slot, or None when its route caches nothing or the call is
     not deterministic (sampled, several choices, streamed)."""
+    if isinstance(route, FallbackRoute):
+        return None  # a route's answers are not cached (its backends' settings differ)
     config = route.deployment if isinstance(route, LocalRoute) else route.upstream
     if not config.cache_ttl_s or call.stream or not deterministic(kind, route, call):
         return None

@@ -3,14 +3,17 @@
 The same admission, quota, token reservation and Job row as a local call (the job
 lifecycle); the web process forwards the request itself (no worker: the provider is
 the device). Usage comes from the provider's `usage`; a stream passes through chunk by
-chunk as it arrives, and one that breaks ends with an SSE error event, never a silent
-cut. What a provider's failure costs, and what its answer is charged, is the
-lifecycle's billing policy.
+chunk as it arrives, once its first event has (so a stream that fails before it fails
+like a plain call, and a route may try its next backend, `gateway.fallbacks`); one
+that breaks later ends with an SSE error event, never a silent cut. What a provider's
+failure costs, and what its answer is charged, is the lifecycle's billing policy; what
+it says of the provider, its circuit breaker's (`gateway.breaker`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -18,11 +21,12 @@ from typing import Any
 
 import httpx
 from django.db import InterfaceError, OperationalError
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponseBase, JsonResponse
 
+from djangollmapi import metrics
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import UpstreamRoute
-from gateway import cache, upstream
+from gateway import breaker, cache, upstream
 from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, database_down_event, sse_response
@@ -33,23 +37,44 @@ from llmjobs.models import Job
 log = logging.getLogger(__name__)
 
 
-def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None) -> HttpResponse:
+def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None) -> HttpResponseBase:
     """Charge and record, forward, answer as the provider did (model renamed); a plain
     answer is kept in the response cache's `slot` when the call has one."""
     job = lifecycle.open_upstream(request.auth.presented, route, call)
     note_job(request, job)
+    return answer_upstream(request, job, route, call, slot)
+
+
+def answer_upstream(
+    request, job: Job, route: UpstreamRoute, call: UpstreamCall, slot: Any = None, *, last: bool = True
+) -> HttpResponseBase:
+    """Forward `job`'s call to `route`'s provider and answer as it did, with the name
+    the client called. Until something reaches the client (a plain answer read whole
+    and checked, a stream's first event) a failure is raised as an UpstreamFailure and
+    fails the job, unless `last` is False and another backend may do better
+    (`moves_on`): the job then stays active for its route's next backend. The
+    provider's circuit breaker hears of every outcome."""
     note = log_fields(request)
     try:
         response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
+        if call.stream:
+            events = first_event_read(response, provider_events(route, response))
+        else:
+            data = upstream.read_json(route, response)
+            upstream.check_answer(route, job.kind, data)
     except UpstreamFailure as failure:
-        fail(job, failure)
+        heard(route, failure)
+        if last or not failure.moves_on:
+            fail(job, failure)
         raise
+    heard(route)
     headers = response_headers(job, response)
     if call.stream:
-        stream = relay_stream(job, route, call, response, client_gone_probe(request), note)
+        stream = relay_stream(job, route, call, response, events, client_gone_probe(request), note)
         answer = sse_response(stream, job)
     else:
-        data = answer_plain(job, route, response, note)
+        data["model"] = job.model
+        finish(job, route, answer_text(data), upstream.usage_numbers(data), 1, note)
         if slot is not None:
             cache.store(slot, {"body": data, "usage": upstream.usage_numbers(data)})
         answer = JsonResponse(data)
@@ -58,24 +83,47 @@ def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None)
     return answer
 
 
+def heard(route: UpstreamRoute, failure: UpstreamFailure | None = None) -> None:
+    """What a call taught of its provider: an answer (a refusal of the request itself is
+    one) closes its breaker; its own failure counts towards opening it, with the
+    Retry-After it sent. Every failure is counted in the metrics."""
+    policy = breaker.Policy.of(route.upstream)
+    if failure is None or not failure.moves_on:
+        breaker.board().succeeded(route.provider, policy)
+    if failure is not None:
+        metrics.UPSTREAM_ERRORS.labels(route.provider, failure.code).inc()
+        if failure.moves_on and failure.provider_fault:
+            breaker.board().failed(route.provider, policy, failure.retry_after_s)
+
+
+def first_event_read(response: httpx.Response, events: Iterator[dict | None]) -> Iterator[dict | None]:
+    """The provider's stream with its first event already read, so a stream that fails
+    before it fails before anything reached the client (and a route may go on)."""
+    try:
+        first = next(events)
+    except BaseException:
+        response.close()
+        raise
+    return itertools.chain([first], events)
+
+
+def provider_events(route: UpstreamRoute, response: httpx.Response) -> Iterator[dict | None]:
+    """The provider's stream as events, None for its `[DONE]`; a stream that ends
+    without it, or an event that is not OpenAI's chunk, is an UpstreamFailure."""
+    for data in upstream.sse_data(route, response):
+        if data == "[DONE]":
+            yield None
+            return
+        yield parse_event(route, data)
+    raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
+
+
 def response_headers(job: Job, response: httpx.Response) -> dict[str, str]:
     headers = {"X-Request-Id": str(job.id)}
     request_id = upstream.upstream_request_id(response)
     if request_id:
         headers["X-Upstream-Request-Id"] = request_id
     return headers
-
-
-def answer_plain(job: Job, route: UpstreamRoute, response: httpx.Response, note: dict) -> dict[str, Any]:
-    try:
-        data = upstream.read_json(route, response)
-        upstream.check_answer(route, job.kind, data)
-    except UpstreamFailure as failure:
-        fail(job, failure)
-        raise
-    data["model"] = route.name
-    finish(job, route, answer_text(data), upstream.usage_numbers(data), 1, note)
-    return data
 
 
 def answer_text(data: dict[str, Any]) -> str:
@@ -104,28 +152,29 @@ def relay_stream(
     route: UpstreamRoute,
     call: UpstreamCall,
     response: httpx.Response,
+    events: Iterator[dict | None],
     client_gone: Callable[[], bool],
     note: dict,
 ) -> Iterator[bytes]:
     """Each provider event goes out as soon as it arrives, with our model name; the
     usage chunk we asked for is kept for the record and dropped unless the client
     asked too. Whatever stops this early (the client left) closes the provider's
-    stream, which cancels its generation, and the job keeps what was streamed."""
+    stream, which cancels its generation, and the job keeps what was streamed. A
+    failure from here on is the stream's last event, and the job's end."""
     pieces: list[str] = []
     kept = 0  # characters of text in `pieces`, bounded like a plain answer
     usage: tuple[int, int] | None = None
     ended = False
     try:
-        for data in upstream.sse_data(route, response):
+        for event in events:
             if client_gone():
                 note["outcome"] = "client_gone"
                 return
-            if data == "[DONE]":
+            if event is None:
                 ended = True
                 finish(job, route, "".join(pieces), usage, len(pieces), note)
                 yield SSE_DONE
                 return
-            event = parse_event(route, data)
             usage = upstream.usage_numbers(event) or usage
             text = delta_text(event)
             if text:
@@ -137,12 +186,12 @@ def relay_stream(
                 if event.get("usage") and not event.get("choices"):
                     continue
                 event.pop("usage", None)
-            event["model"] = route.name
+            event["model"] = job.model
             yield sse_event(event)
-        raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
     except UpstreamFailure as failure:
         ended = True
         note["outcome"] = failure.code
+        heard(route, failure)
         try:
             fail(job, failure)
         except (OperationalError, InterfaceError):

@@ -16,11 +16,13 @@ the wrong shape is a 502 like any other failure of the provider.
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -28,6 +30,7 @@ from django.conf import settings
 
 from djangollmapi.errors import ApiError
 from djangollmapi.routes import UpstreamRoute
+from llmjobs.lifecycle import PROVIDER_SIDE_4XX
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,23 @@ def http_client(name: str) -> httpx.Client:
 
 class UpstreamFailure(ApiError):
     """A provider failure as the client sees it (whether it is refunded is the job
-    lifecycle's billing policy, by its status)."""
+    lifecycle's billing policy, by its status), with what a route and the provider's
+    circuit breaker need to know of it: whether it is the provider's (`provider_fault`:
+    not our pool or our config), and the provider's `Retry-After`, if it sent one."""
+
+    def __init__(
+        self, *args: Any, provider_fault: bool = True, retry_after_s: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.provider_fault, self.retry_after_s = provider_fault, retry_after_s
+
+    @property
+    def moves_on(self) -> bool:
+        """Whether another backend may succeed where this one failed: the provider was
+        unreachable, too slow, failed (5xx, garbage), or refused us rather than the
+        request (429 and the like). Its refusal of the request itself (400, 404, 422)
+        would be every provider's."""
+        return self.status >= 500 or self.status in PROVIDER_SIDE_4XX
 
 
 def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) -> httpx.Response:
@@ -72,7 +91,10 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
     if route.upstream.api_key_env and not secret:
         log.error("upstream %s: environment variable %s is not set", route.provider, route.upstream.api_key_env)
         raise UpstreamFailure(
-            503, "upstream_not_configured", f"The provider {route.provider!r} is not configured on this server."
+            503,
+            "upstream_not_configured",
+            f"The provider {route.provider!r} is not configured on this server.",
+            provider_fault=False,
         )
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
@@ -84,7 +106,10 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
         raise unreachable(route) from None
     except httpx.PoolTimeout:
         raise UpstreamFailure(
-            503, "upstream_busy", f"All connections to the provider {route.provider!r} are busy; retry later."
+            503,
+            "upstream_busy",
+            f"All connections to the provider {route.provider!r} are busy; retry later.",
+            provider_fault=False,
         ) from None
     except httpx.TimeoutException:
         raise too_slow(route) from None
@@ -140,9 +165,12 @@ def unexpected(route: UpstreamRoute, what: str = "answer") -> UpstreamFailure:
 def failure_from_response(route: UpstreamRoute, response: httpx.Response) -> UpstreamFailure:
     """5xx (and redirects) → 502; 4xx → the provider's error, in our shape."""
     status = response.status_code
+    wait_s = retry_after_s(response)
     if status >= 500 or status < 400:
         log.warning("upstream %s answered HTTP %s", route.provider, status)
-        return UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} failed (HTTP {status}).")
+        return UpstreamFailure(
+            502, "upstream_error", f"The provider {route.provider!r} failed (HTTP {status}).", retry_after_s=wait_s
+        )
     try:
         error = json.loads(read_body(route, response, MAX_ERROR_BODY_BYTES)).get("error")
     except (UpstreamFailure, ValueError, AttributeError):
@@ -157,6 +185,7 @@ def failure_from_response(route: UpstreamRoute, response: httpx.Response) -> Ups
         f"The provider {route.provider!r} refused the request: {message}",
         param=clean_text(error.get("param"), route),
         headers=retry_after(response),
+        retry_after_s=wait_s if status == 429 else None,
     )
 
 
@@ -174,6 +203,20 @@ def clean_text(value: Any, route: UpstreamRoute) -> str | None:
 def retry_after(response: httpx.Response) -> dict[str, str]:
     value = response.headers.get("retry-after", "")
     return {"Retry-After": value} if value.isdigit() else {}
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The provider's `Retry-After` in seconds (a number or an HTTP date), if any."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def upstream_request_id(response: httpx.Response) -> str | None:

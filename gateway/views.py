@@ -2,7 +2,8 @@
 `request.auth` (apikeys.authentication), which backend serves the model is
 `route_model`, decided once, what the body says is `gateway.protocol` (parsed for that
 route), a job's life is `llmjobs.lifecycle` and what happens to it `llmjobs.follow`;
-SSE formatting is `gateway.streaming`, forwarding to a provider `gateway.proxy`."""
+SSE formatting is `gateway.streaming`, forwarding to a provider `gateway.proxy`, a
+route's backends in turn `gateway.fallbacks`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from apikeys.authentication import key_errors_first
 from apikeys.views import CallView, KeyView
 from djangollmapi.errors import ApiError
 from djangollmapi.middleware import log_fields, note_job
-from djangollmapi.routes import LocalRoute, Route, UpstreamRoute, route_model, unknown_model
-from gateway import cache, openapi, proxy
+from djangollmapi.routes import FallbackRoute, LocalRoute, Route, UpstreamRoute, route_model, unknown_model
+from gateway import cache, fallbacks, openapi, proxy
 from gateway.protocol import forwarded, requests, responses
 from gateway.streaming import client_gone_probe, generation_stream, sse_response
 from llmjobs import lifecycle
@@ -43,6 +44,8 @@ def routed_call(request, kind: Job.Kind) -> tuple[Route, Any]:
     before a bad body or an unknown model."""
     with key_errors_first(request.auth):
         route = route_model(requests.model_name(request.data))
+        if isinstance(route, FallbackRoute):
+            return route, fallbacks.parse_routed(kind, request.data, route, max_input_chars())
         if isinstance(route, UpstreamRoute):
             return route, forwarded.parse_upstream(kind, request.data, route.upstream.reserve_tokens, max_input_chars())
         return route, requests.parse_local(kind, request.data, route, max_input_chars())
@@ -63,7 +66,13 @@ def model_response(request, kind: Job.Kind) -> HttpResponse:
         return cached_answer(request, route, call, slot, hit)
     if isinstance(route, UpstreamRoute):
         return marked(proxy.forward(request, route, call, slot), slot, "miss")
-    job = submit(request, route, call)
+    if isinstance(route, FallbackRoute):
+        served = fallbacks.serve(request, route, call)
+        if not isinstance(served, fallbacks.LocalTaken):
+            return served  # a provider's answer
+        route, call, job = served.route, served.call, served.job  # a local backend took the job
+    else:
+        job = submit(request, route, call)
     if call.stream:
         stream = generation_stream(job, call, route.timeout_s, client_gone_probe(request), log_fields(request))
         return sse_response(stream, job)
@@ -79,9 +88,9 @@ def model_response(request, kind: Job.Kind) -> HttpResponse:
 def local_body(route: LocalRoute, call: Any, job: Job, result: dict[str, Any]) -> dict[str, Any]:
     """A local model's answer in OpenAI's shape, as this call asked for it."""
     if call.kind == Job.Kind.EMBEDDINGS:
-        return responses.embedding_list(route.name, result["data"], call.encoding_format, result["prompt_tokens"])
+        return responses.embedding_list(job.model, result["data"], call.encoding_format, result["prompt_tokens"])
     created = int(job.created_at.timestamp())
-    return responses.completion(call.kind, responses.response_id(call.kind, job.id), created, route.name, result)
+    return responses.completion(call.kind, responses.response_id(call.kind, job.id), created, job.model, result)
 
 
 def cached_answer(request, route: Route, call: Any, slot: cache.Slot, hit: dict[str, Any]) -> HttpResponse:
@@ -165,7 +174,9 @@ class TokenCountView(TokenizeView):
 
 
 def local_route(route: Route) -> LocalRoute:
-    """For what only local models offer (tokenize)."""
+    """For what only local models offer (tokenize); a route's first local backend."""
+    if isinstance(route, FallbackRoute) and route.local_backends():
+        return route.local_backends()[0]
     if not isinstance(route, LocalRoute):
         message = f"The model {route.name!r} is served upstream; this needs a local model."
         raise ApiError(400, "unsupported_operation", message, param="model")

@@ -13,6 +13,8 @@ class JobAdmin(admin.ModelAdmin):
         "created_at",
         "model",
         "status",
+        "backend",
+        "tries",
         "api_key",
         "queue_wait",
         "run_time",

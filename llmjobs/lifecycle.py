@@ -1,12 +1,13 @@
 """A job's lifecycle and its key's charge, in one place: the only code that creates,
-enqueues, starts, finishes, fails, cancels, refunds and settles a job, local or
-upstream alike, and the only caller of `apikeys.services.refund_call` and
-`settle_tokens`.
+enqueues, starts, hands on (a route's next backend), finishes, fails, cancels, refunds
+and settles a job, local or upstream alike, and the only caller of
+`apikeys.services.refund_call` and `settle_tokens`.
 
 The billing policy, all of it here:
 
 - A call is taken (its `max_tokens` reserved) in the transaction that records its
-  job: a refused call leaves neither a charge nor a row.
+  job: a refused call leaves neither a charge nor a row. A route's call is taken once,
+  for the most any of its backends may use, however many it tries.
 - A server-side failure is refunded exactly once (the claim on `Job.refunded`); a
   cancellation and the client's own fault (a provider's 400 / 404 / 422) are not.
 - Every job's reservation is replaced exactly once (the claim on
@@ -43,7 +44,7 @@ from apikeys.services import refund_call, settle_tokens, take_call
 from djangollmapi import metrics
 from djangollmapi.celery import app as celery_app
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
-from djangollmapi.routes import LocalRoute, UpstreamRoute
+from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
 from llmjobs import events, rollups, rows
 from llmjobs.models import Job
@@ -114,9 +115,14 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
     device; a failed enqueue fails and refunds it (503)."""
     with transaction.atomic():
         admitted = admit(presented, route.name, request)
-        job = create_admitted_job(admitted, route.name, request, queue=device_queue_name(route.deployment.device))
+        job = create_admitted_job(admitted, route.name, request, queue=local_queue(route))
     enqueue(job, route, request.payload(), weight=admitted.call.weight)
     return job
+
+
+def local_queue(route: LocalRoute) -> str:
+    """The queue a job of this deployment is sent to."""
+    return device_queue_name(route.deployment.device)
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,39 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
     return job
 
 
+def open_routed(presented: PresentedKey, route: FallbackRoute, request: JobRequest, first: Backend) -> Job:
+    """Take a route's call once, whichever of its backends serves it (its reservation
+    and reserved spend the most any of them may use), and record its job as the
+    `first` backend's try; the job's `key_weight` is for its device's fair admission."""
+    with transaction.atomic():
+        admitted = admit(presented, route.name, request, price=route)
+        job = create_admitted_job(admitted, route.name, request, **try_columns(first))
+    job.key_weight = admitted.call.weight
+    release_db_connection()
+    return job
+
+
+def next_try(job: Job, backend: Backend, tries: int) -> bool:
+    """Hand an active job to another backend of its route (the one before failed before
+    its answer started, or could not be tried): its `tries` so far, and the new
+    backend's queue and status. False when the job had ended meanwhile."""
+    columns = try_columns(backend)
+    columns["started_at"] = timezone.now() if columns["status"] == Job.Status.RUNNING else None
+    updated = Job.objects.filter(id=job.id, status__in=Job.ACTIVE).update(tries=tries, **columns)
+    for name, value in columns.items():
+        setattr(job, name, value)
+    job.tries = tries
+    return bool(updated)
+
+
+def try_columns(backend: Backend) -> dict[str, Any]:
+    """A job's columns while `backend` has it: a local one waits in its device's queue,
+    an upstream one runs at once in the web process."""
+    if isinstance(backend, LocalRoute):
+        return {"backend": "local", "queue": local_queue(backend), "status": Job.Status.QUEUED}
+    return {"backend": backend.provider, "queue": "", "status": Job.Status.RUNNING}
+
+
 def create_job(
     key_id: int,
     model: str,
@@ -247,14 +286,16 @@ def create_job(
     return job
 
 
-def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
-    """Send the job to its device's queue, or fail it fast (503) when no worker serves
-    that queue, it is full, or the broker is down: never leave a client hanging."""
+def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1, *, fail_refused: bool = True) -> None:
+    """Send the job to its device's queue (for `route`'s deployment, whatever name the
+    client called), or refuse it fast (503) when no worker serves that queue, it is
+    full, or the broker is down: never leave a client hanging. A refused job is failed
+    unless `fail_refused` is False (a route's next backend will take it)."""
     try:
         state = events.queue_state(job.queue)
         if not state.alive:
             raise ApiError(503, "no_worker", f"No worker is serving the model {job.model!r}; retry later.")
-        load = state.models.get(job.model, {})
+        load = state.models.get(route.name, {})
         if load.get("state") == "failed":
             raise model_unavailable(job.model, load.get("error", ""))
         max_depth = settings.LLM_CONFIG.server.max_queue_depth
@@ -269,7 +310,7 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
         soft_limit, hard_limit = settings.LLM_CONFIG.job_time_limits(route.deployment)
         celery_app.send_task(
             RUN_TASK,
-            args=(str(job.id), job.model, job.kind, payload),
+            args=(str(job.id), route.name, job.kind, payload),
             # who asks, for the worker's fair admission across keys
             kwargs={"key": job.api_key_id, "weight": weight, "sent": job.created_at.timestamp()},
             task_id=str(job.id),
@@ -279,11 +320,13 @@ def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1) -> None:
             retry=False,
         )
     except ApiError as exc:
-        fail(job.id, exc.code, exc.message)
+        if fail_refused:
+            fail(job.id, exc.code, exc.message)
         raise
     except (BrokerError, redis.RedisError, OSError) as exc:
         log.error("enqueue failed for job %s: %s", job.id, type(exc).__name__)
-        fail(job.id, "broker_unavailable", "The job queue is unavailable.")
+        if fail_refused:
+            fail(job.id, "broker_unavailable", "The job queue is unavailable.")
         raise ApiError(503, "broker_unavailable", BROKER_UNAVAILABLE) from exc
 
 
@@ -646,7 +689,6 @@ def fail_upstream(job: Job, status: int, code: str, message: str) -> None:
     """A provider call that failed; refunded unless the provider refused the client's
     own request (a 4xx that is not about our secret or our limits there)."""
     client_fault = 400 <= status < 500 and status not in PROVIDER_SIDE_4XX
-    metrics.UPSTREAM_ERRORS.labels(job.backend, code).inc()
     fail(job.id, code, message, refund=not client_fault)
 
 

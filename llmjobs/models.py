@@ -31,7 +31,10 @@ class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     api_key = models.ForeignKey("apikeys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="jobs")
     model = models.CharField(max_length=100)
-    backend = models.CharField(max_length=20, default="local")
+    backend = models.CharField(max_length=20, default="local")  # the one that served it, or was tried last
+    # The backends tried for it, this one included: more than 1 when a route's earlier
+    # ones failed before their answer started (gateway.fallbacks); 0 when none could be.
+    tries = models.PositiveSmallIntegerField(default=1)
     queue = models.CharField(max_length=100, blank=True)
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.RUN)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)

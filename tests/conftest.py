@@ -297,11 +297,13 @@ class Gateway(Live):
     mortal_port: int = 0
     provider_url: str = ""
     bad_port: int = 0
+    relay_port: int = 0
+    scripted_port: int = 0
 
 
 # The misbehaviours of the provider on `bad_port` (tests/gateway/test_upstream_faults.py),
 # each a model `bad-<name>` whose provider name is the behaviour.
-BAD_BEHAVIOURS = ("hang", "stall", "trickle", "reset", "garbage", "shape", "error", "huge", "endless")
+BAD_BEHAVIOURS = ("hang", "stall", "trickle", "reset", "garbage", "shape", "error", "huge", "endless", "mute")
 
 
 def gateway_config(provider_url: str, down_port: int, mortal_port: int, bad_port: int) -> str:
@@ -339,13 +341,45 @@ def gateway_config(provider_url: str, down_port: int, mortal_port: int, bad_port
     )
 
 
+def fallback_config(provider_url: str, relay_port: int, scripted_port: int, down_ports: tuple[int, ...]) -> str:
+    """Routes whose backends fail on purpose (tests/gateway/test_fallbacks.py): a
+    provider behind a relay that counts connections (`relay_port`), one the test
+    scripts (`scripted_port`), three that are down, and a deployment no worker serves."""
+    secret = f'api_key_env = "{PROVIDER_SECRET_ENV}"'
+    down_a, down_b, gone = (f'base_url = "http://127.0.0.1:{port}/v1"\nconnect_timeout_s = 1' for port in down_ports)
+    sections = [
+        f'[[upstreams]]\nname = "fb-live"\nbase_url = "{provider_url}/v1"\n{secret}\n'
+        'models = { "fb-live-words" = "words" }',
+        f'[[upstreams]]\nname = "fb-relay"\nbase_url = "http://127.0.0.1:{relay_port}/v1"\n{secret}\n'
+        "connect_timeout_s = 1\ntimeout_s = 5\nallowed_fails = 2\ncooldown_s = 3\n"
+        'models = { "fb-relay-words" = "words" }',
+        # its tests are about Retry-After and streams, not the breaker: it never opens
+        f'[[upstreams]]\nname = "fb-scripted"\nbase_url = "http://127.0.0.1:{scripted_port}/v1"\n{secret}\n'
+        'connect_timeout_s = 1\ntimeout_s = 2\nallowed_fails = 1000\nmodels = { "fb-scripted-words" = "words" }',
+        f'[[upstreams]]\nname = "fb-down-a"\n{down_a}\nmodels = {{ "fb-down-a-words" = "words" }}',
+        f'[[upstreams]]\nname = "fb-down-b"\n{down_b}\nmodels = {{ "fb-down-b-words" = "words" }}',
+        f'[[upstreams]]\nname = "fb-gone"\n{gone}\nallowed_fails = 1\nmodels = {{ "fb-gone-words" = "words" }}',
+        '[[deployments]]\nname = "fb-orphan"\nalgorithm = "algorithms.echo:Echo"\ndevice = "cuda:7"',
+        '[[routes]]\nname = "fb-pair"\ntargets = ["fb-relay-words", "fb-live-words"]',
+        '[[routes]]\nname = "fb-scripted-pair"\ntargets = ["fb-scripted-words", "fb-live-words"]',
+        '[[routes]]\nname = "fb-local-last"\ntargets = ["fb-down-a-words", "fb-down-b-words", "words"]',
+        '[[routes]]\nname = "fb-orphan"\ntargets = ["fb-orphan", "fb-live-words"]',
+        '[[routes]]\nname = "fb-missing"\ntargets = ["missing-model", "fb-live-words"]',
+        '[[routes]]\nname = "fb-gone-only"\ntargets = ["fb-gone-words"]',
+    ]
+    return "".join(f"\n{section}\n" for section in sections)
+
+
 @pytest.fixture(scope="session")
 def gateway(live, django_db_blocker) -> Iterator[Gateway]:
     """Our server in front of `live` as its upstream provider, sharing its database,
     Redis and workers (the local models stay reachable through it too)."""
     config = data_dir() / "gateway.toml"
-    mortal_port, bad_port = free_port(), free_port()
-    config.write_text(gateway_config(live.url, down_port=free_port(), mortal_port=mortal_port, bad_port=bad_port))
+    mortal_port, bad_port, relay_port, scripted_port = free_port(), free_port(), free_port(), free_port()
+    config.write_text(
+        gateway_config(live.url, down_port=free_port(), mortal_port=mortal_port, bad_port=bad_port)
+        + fallback_config(live.url, relay_port, scripted_port, down_ports=(free_port(), free_port(), free_port()))
+    )
     port = free_port()
     env = {
         "DJANGO_LLM_API_CONFIG": str(config),
@@ -358,7 +392,15 @@ def gateway(live, django_db_blocker) -> Iterator[Gateway]:
         wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
         url, log = f"http://127.0.0.1:{port}", logs_dir() / f"web-{port}.log"
         yield Gateway(
-            url, live.redis, live.workers, log=log, mortal_port=mortal_port, provider_url=live.url, bad_port=bad_port
+            url,
+            live.redis,
+            live.workers,
+            log=log,
+            mortal_port=mortal_port,
+            provider_url=live.url,
+            bad_port=bad_port,
+            relay_port=relay_port,
+            scripted_port=scripted_port,
         )
     finally:
         processes.stop(web)

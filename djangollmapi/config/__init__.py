@@ -9,6 +9,7 @@ limits) is computed here, once, on the models.
 """
 
 from djangollmapi.config.loader import CONFIG_ENV, DATA_DIR_ENV, LLMConfig, load_config, parse_config
+from djangollmapi.config.routes import RouteConfig, RouteTarget
 from djangollmapi.config.sections import (
     DEFAULT_WEB_THREADS,
     DEFAULT_WEB_WORKERS,
@@ -33,6 +34,8 @@ __all__ = [
     "Deployment",
     "JwtConfig",
     "LLMConfig",
+    "RouteConfig",
+    "RouteTarget",
     "ServerConfig",
     "Upstream",
     "UpstreamModel",

@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from djangollmapi.config.routes import RouteConfig
 from djangollmapi.config.sections import (
     HARD_LIMIT_GRACE_S,
     CorsConfig,
@@ -54,6 +55,7 @@ class LLMConfig(Section):
         default_factory=default_deployments, validate_default=True
     )
     upstreams: Annotated[tuple[Upstream, ...], BeforeValidator(array_of_tables)] = ()
+    routes: Annotated[tuple[RouteConfig, ...], BeforeValidator(array_of_tables)] = ()
     cors: CorsConfig = Field(default_factory=CorsConfig)
     jwt: JwtConfig | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -96,6 +98,7 @@ class LLMConfig(Section):
                 if model.name in seen:
                     raise invalid(f"{model.name!r} is already a model name", key=f"upstreams[{index}].models")
                 seen.add(model.name)
+        self.routes_name_known_targets(seen)
         default = self.server.default_model
         if not default:
             server = self.server.model_copy(update={"default_model": self.deployments[0].name})
@@ -103,6 +106,27 @@ class LLMConfig(Section):
         if self.deployment(default) is None:
             raise invalid(f"no deployment named {default!r}", key="server.default_model")
         return self
+
+    def routes_name_known_targets(self, backends: set[str]) -> None:
+        """Every target of a route is a deployment or an upstream model (routes do not
+        nest); a route's name is new, or the name of one of its own targets, which it
+        then gives fallbacks."""
+        named: set[str] = set()
+        for index, route in enumerate(self.routes):
+            for place, target in enumerate(route.targets):
+                if target.model not in backends:
+                    raise invalid(
+                        f"no deployment or upstream model named {target.model!r}",
+                        key=f"routes[{index}].targets[{place}].model",
+                    )
+            if route.name in named:
+                raise invalid(f"{route.name!r} is used twice", key=f"routes[{index}].name")
+            if route.name in backends and route.name not in {t.model for t in route.targets}:
+                raise invalid(
+                    f"{route.name!r} is already a model name (a route may take only one of its own targets' names)",
+                    key=f"routes[{index}].name",
+                )
+            named.add(route.name)
 
     @property
     def source(self) -> str:
@@ -160,10 +184,16 @@ class LLMConfig(Section):
                 return upstream, entry
         return None
 
+    def route(self, name: str) -> RouteConfig | None:
+        """The route called `name`: it wins over a deployment or upstream model of that name."""
+        return next((r for r in self.routes if r.name == name), None)
+
     @property
     def model_names(self) -> list[str]:
-        """Every name a client may ask for: local deployments, then upstream models."""
-        return [d.name for d in self.deployments] + [m.name for u in self.upstreams for m in u.models]
+        """Every name a client may ask for: local deployments, upstream models, then the
+        routes' own new names."""
+        names = [d.name for d in self.deployments] + [m.name for u in self.upstreams for m in u.models]
+        return names + [r.name for r in self.routes if r.name not in names]
 
     def job_timeout_for(self, deployment: Deployment) -> float:
         """How long a client waits for a job of this deployment."""

@@ -107,6 +107,12 @@ class Upstream(Section):
     cache_ttl_s: PositiveSeconds | None = None
     cache_shared: bool = False
     cache_hits_count: bool = True
+    # The circuit breaker (gateway.breaker): open after `allowed_fails` failures in a
+    # row, the first of them at most `fails_window_s` ago; a route then skips the
+    # provider for `cooldown_s`, after which one call probes it (half-open).
+    allowed_fails: Positive = 3
+    fails_window_s: PositiveSeconds = 60.0
+    cooldown_s: PositiveSeconds = 30.0
 
     @field_validator("base_url")
     @classmethod

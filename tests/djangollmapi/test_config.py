@@ -87,6 +87,7 @@ device = "cuda:0"
 
 
 UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
+ROUTE = "[[routes]]\nname = 'r'\n"
 
 
 @pytest.mark.parametrize(
@@ -179,6 +180,18 @@ UPSTREAM = "[[upstreams]]\nname = 'g'\nbase_url = 'https://u.example/v1'\n"
         (UPSTREAM + "models = ['m']\nprices = { m = { in = 1 } }\n", "upstreams[0].prices.m.in", "unknown key"),
         (UPSTREAM + "models = ['m']\nheaders = ['a']\n", "upstreams[0].headers", "must be a table, got array"),
         ("[jwt]\na = 1\n", "jwt.a", "unknown key"),  # the typo first, not the keys it hid
+        (UPSTREAM + "models = ['m']\nallowed_fails = 0\n", "upstreams[0].allowed_fails", "must be positive"),
+        (UPSTREAM + "models = ['m']\ncooldown_s = 0\n", "upstreams[0].cooldown_s", "must be positive"),
+        ("routes = 1\n", "routes", "array of tables"),
+        (ROUTE + "targets = []\n", "routes[0].targets", "non-empty array"),
+        (ROUTE + "targets = ['nope']\n", "routes[0].targets[0].model", "no deployment or upstream model"),
+        (ROUTE + "targets = ['echo', 'echo']\n", "routes[0].targets[1].model", "named twice"),
+        (ROUTE + "targets = [3]\n", "routes[0].targets[0]", "a model name or a table"),
+        (ROUTE + "targets = [{ model = 'echo', weight = 0 }]\n", "routes[0].targets[0].weight", "must be positive"),
+        (ROUTE + "targets = [{ model = 'echo', order = 0 }]\n", "routes[0].targets[0].order", "must be positive"),
+        (ROUTE + "targets = [{ model = 'echo', wieght = 2 }]\n", "routes[0].targets[0].wieght", "unknown key"),
+        (ROUTE.replace("'r'", "'smollm2'") + "targets = ['echo']\n", "routes[0].name", "already a model name"),
+        (ROUTE + "targets = ['echo']\n" + ROUTE + "targets = ['minilm']\n", "routes[1].name", "used twice"),
     ],
 )
 def test_broken_file_names_file_key_and_reason(clean_env, tmp_path, text, key, reason):

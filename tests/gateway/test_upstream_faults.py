@@ -162,6 +162,13 @@ class BadProvider(BaseHTTPRequestHandler):
         big = {"choices": [{"index": 0, "delta": {"content": "x" * 50_000}}]}
         self.send_counted(200_000_000, f"data: {json.dumps(big)}\n\n".encode())
 
+    def mute_plain(self) -> None:
+        """Its headers, then the connection closes: an empty body."""
+        self.head()
+
+    def mute_stream(self) -> None:
+        self.head("text/event-stream")  # and not one event
+
     def send_counted(self, total: int, piece: bytes = b"x" * 65_536) -> None:
         sent = 0
         try:
@@ -221,6 +228,7 @@ PLAIN = [
     ("error", 502, "overloaded", 0),
     ("huge", 502, "upstream_response_too_large", 0),
     ("endless", 502, "upstream_response_too_large", 0),
+    ("mute", 502, "upstream_error", 0),
 ]
 
 
@@ -277,6 +285,16 @@ def test_a_stream_that_misbehaves_after_it_started_ends_with_an_error_event(
     assert last["error"]["type"] == ("timeout_error" if status == 504 else "upstream_error")
     assert elapsed < bound_s + SLACK_S
     assert_failed_and_refunded(key, code)
+
+
+def test_a_stream_that_ends_before_its_first_event_is_a_json_502(gateway, bad_provider, make_key):
+    """Nothing had reached the client: it gets the error a plain call would, with its status."""
+    key = make_key(max_calls=5)
+    reply, elapsed = call(gateway, key, "mute", stream=True)
+    assert (reply.status_code, error_of(reply)["code"]) == (502, "upstream_error")
+    assert reply.headers["Content-Type"] == "application/json"
+    assert elapsed < SLACK_S
+    assert_failed_and_refunded(key, "upstream_error")
 
 
 def test_a_stream_that_never_starts_is_a_json_504(gateway, bad_provider, make_key):
