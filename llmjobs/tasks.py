@@ -6,7 +6,7 @@ import contextlib
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from llmjobs import events, runtime
 from llmjobs.routing import device_queue_name
@@ -30,9 +30,16 @@ def run_job(
     runtime.execute_job(job_id, model, kind, payload, self.request.hostname or "", key, weight, sent, limits)
 
 
+@worker_ready.connect
+def on_worker_ready(**kwargs) -> None:
+    """Celery consumes the device's queue now: its heartbeat may say so."""
+    runtime.CONSUMING.set()
+
+
 @worker_shutdown.connect
 def on_worker_shutdown(**kwargs) -> None:
+    """This worker stops serving its device (the device's workers on other hosts go on)."""
     device = runtime.worker_device()
     if device:
         with contextlib.suppress(Exception):
-            events.clear_heartbeat(device_queue_name(device))
+            events.clear_heartbeat(device_queue_name(device), runtime.this_worker(device))
