@@ -36,7 +36,8 @@ def device_queue(device: str) -> str:
 
 
 def heartbeat_key(device: str) -> str:
-    """The Redis key a device's worker keeps alive once its models are loaded."""
+    """The Redis hash of a device's live workers (a field each, on any host): it exists
+    while any of them beats, which each starts once its models are loaded."""
     return f"dla:worker:{device_queue(device)}"
 
 

@@ -15,7 +15,7 @@ from django.views.decorators.cache import never_cache
 
 from djangollmapi.errors import error_response
 from llmjobs import events
-from llmjobs.routing import device_queue_name
+from llmjobs.routing import QueueState, device_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,20 @@ def redis_ready() -> bool:
 
 def deployment_states() -> dict[str, dict[str, Any]]:
     """Each deployment: its device, whether a worker serves it, its model's load state
-    (`loaded`, `failed` with the reason, `not_loaded`, `unknown` without a worker)."""
+    (`loaded`, `failed` with the reason, `not_loaded`, `unknown` without a worker). A
+    deployment on several devices lists them (`devices`) with each one's state
+    (`replicas`), and is served while any of them is, at its best load state."""
+    devices = settings.LLM_CONFIG.devices
+    queues = dict(zip(devices, events.queue_states([device_queue_name(d) for d in devices]), strict=True))
     states = {}
-    for device in settings.LLM_CONFIG.devices:
-        queue = events.queue_state(device_queue_name(device))
-        for deployment in settings.LLM_CONFIG.deployments_on(device):
-            load = queue.models.get(deployment.name, {}) if queue.alive else {}
-            entry = {"device": device, "worker": queue.alive, "model": load.get("state", "unknown")}
-            if load.get("error"):
-                entry["error"] = load["error"]
-            states[deployment.name] = entry
+    for deployment in settings.LLM_CONFIG.deployments:
+        replicas = {device: replica_state(queues[device], deployment.name) for device in deployment.devices}
+        if not deployment.replicated:
+            states[deployment.name] = {"device": deployment.device, **replicas[deployment.device]}
+            continue
+        rank = {"loaded": 3, "failed": 2, "not_loaded": 1}
+        best = max(replicas.values(), key=lambda r: (r["worker"], rank.get(r["model"], 0)))
+        states[deployment.name] = {"devices": list(deployment.devices), **best, "replicas": replicas}
     return states
 
 
@@ -89,3 +93,12 @@ def provider_states() -> dict[str, dict[str, Any]]:
     from gateway import breaker
 
     return breaker.board().report(u.name for u in settings.LLM_CONFIG.upstreams)
+
+
+def replica_state(queue: QueueState, model: str) -> dict[str, Any]:
+    """One device's part in a deployment: a live worker, and the model's load state there."""
+    load = queue.models.get(model, {}) if queue.alive else {}
+    entry = {"worker": queue.alive, "model": load.get("state", "unknown")}
+    if load.get("error"):
+        entry["error"] = load["error"]
+    return entry

@@ -125,8 +125,9 @@ def scraper_allowed(request: HttpRequest) -> bool:
 
 
 class DeviceQueues:
-    """Per device and deployment, from what its worker last published: jobs waiting
-    for a slot (held or still in the queue), running, whether a worker serves it."""
+    """Per device, from what its workers (on every host) last published: jobs waiting
+    for a slot (held or still in the queue), running, whether a worker serves it, and
+    how many do."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from llmjobs import events
@@ -135,6 +136,7 @@ class DeviceQueues:
         waiting = GaugeMetricFamily("dla_num_requests_waiting", "Jobs waiting for the device.", labels=["device"])
         running = GaugeMetricFamily("dla_num_requests_running", "Jobs running on the device.", labels=["device"])
         alive = GaugeMetricFamily("dla_worker_up", "1 while a worker serves the device.", labels=["device"])
+        workers = GaugeMetricFamily("dla_workers", "Live workers of the device, on all hosts.", labels=["device"])
         try:
             for device in settings.LLM_CONFIG.devices:
                 queue = events.queue_state(device_queue_name(device))
@@ -143,9 +145,10 @@ class DeviceQueues:
                 waiting.add_metric([device], queue.depth)
                 running.add_metric([device], busy)
                 alive.add_metric([device], 1 if queue.alive else 0)
+                workers.add_metric([device], len(queue.workers))
         except Exception as exc:  # Redis down: the process metrics still answer
             log.warning("metrics: device queues unavailable: %s", type(exc).__name__)
-        yield from (waiting, running, alive)
+        yield from (waiting, running, alive, workers)
 
 
 class KeyBudgets:

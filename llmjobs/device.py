@@ -60,8 +60,11 @@ class DeviceLoop:
         build: Callable[[str], Capabilities],
         max_batch_of: Callable[[str], int | None],
         models: Callable[[], dict[str, dict[str, Any]]] = dict,
+        worker: str = "",
     ) -> None:
         self.device = device
+        self.queue = device_queue_name(device)
+        self.worker = worker or None  # None: this host's worker of the device
         self.build, self.max_batch_of, self.models = build, max_batch_of, models
         self.inbox: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self.engines: dict[str, Engine] = {}
@@ -132,8 +135,9 @@ class DeviceLoop:
             entry["waiting"].append(ticket.job_id)
         waiting = sum(len(d["waiting"]) for d in deployments.values())
         try:
-            queue = device_queue_name(self.device)
-            events.publish_device_state(queue, waiting, self.models(), deployments, ttl_s=STATE_TTL_S, held=held)
+            events.publish_device_state(
+                self.queue, waiting, self.models(), deployments, ttl_s=STATE_TTL_S, held=held, worker=self.worker
+            )
         except Exception:
             log.warning("publishing the device's state to Redis failed; retrying")
 
@@ -255,7 +259,7 @@ class Watchdog:
     def take_the_process_down(self, step: Step) -> None:
         log.error("a step of jobs %s hangs past its hard limit; exiting", [t.job_id for t in step.tickets])
         with contextlib.suppress(Exception):
-            events.clear_heartbeat(device_queue_name(self.loop.device))  # no new work until replaced
+            events.clear_heartbeat(self.loop.queue, self.loop.worker)  # no new work until replaced
         for ticket in step.tickets:
             with contextlib.suppress(Exception):
                 lifecycle.fail_in_worker(ticket.job_id, "job_time_limit", TIME_LIMIT_MESSAGE)

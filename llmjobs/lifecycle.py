@@ -48,7 +48,7 @@ from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRout
 from djangollmapi.wire import storable_copy
 from llmjobs import events, rollups, rows
 from llmjobs.models import Job
-from llmjobs.routing import device_queue_name
+from llmjobs.routing import QueueState, choose_replica, device_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +111,46 @@ def ending_columns(device: DeviceUse | None) -> dict[str, Any]:
 
 
 def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> Job:
-    """Take the call and record the job in one transaction, then queue it to its
-    device; a failed enqueue fails and refunds it (503)."""
+    """Choose the job's device queue, take the call and record the job in one
+    transaction, then queue it there; a failed enqueue fails and refunds it (503)."""
+    placement = place(route)
     with transaction.atomic():
         admitted = admit(presented, route.name, request)
-        job = create_admitted_job(admitted, route.name, request, queue=local_queue(route))
-    enqueue(job, route, request.payload(), weight=admitted.call.weight)
+        job = create_admitted_job(admitted, route.name, request, queue=placement.queue)
+    enqueue(job, route, request.payload(), weight=admitted.call.weight, state=placement.state)
     return job
 
 
 def local_queue(route: LocalRoute) -> str:
-    """The queue a job of this deployment is sent to."""
-    return device_queue_name(route.deployment.device)
+    """The queue a job of this deployment is sent to (its replica with the shortest
+    expected wait, when it has several: `place`)."""
+    return place(route).queue
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a job goes: its queue, and that queue's state as the choice read it (None
+    when Redis could not be read: `enqueue` tries again, and fails the job)."""
+
+    queue: str
+    state: QueueState | None
+
+
+def place(route: LocalRoute) -> Placement:
+    """The queue of a job of `route`: its device's, or for a deployment on several
+    devices (replicas) the one with the shortest expected wait now
+    (`llmjobs.routing.choose_replica`), noted at once so that the calls right behind
+    count this job there before its worker publishes it. Read before the admission's
+    transaction, which then holds no lock across a Redis round trip."""
+    queues = [device_queue_name(device) for device in route.deployment.devices]
+    try:
+        states = events.queue_states(queues)
+        index = choose_replica(states, route.name) if len(queues) > 1 else 0
+        if len(queues) > 1 and states[index].alive:
+            events.note_routed(queues[index], uuid.uuid4().hex)
+    except (redis.RedisError, OSError):
+        return Placement(queues[0], None)
+    return Placement(queues[index], states[index])
 
 
 @dataclass(frozen=True)
@@ -286,13 +314,22 @@ def create_job(
     return job
 
 
-def enqueue(job: Job, route: LocalRoute, payload: Any, weight: int = 1, *, fail_refused: bool = True) -> None:
-    """Send the job to its device's queue (for `route`'s deployment, whatever name the
-    client called), or refuse it fast (503) when no worker serves that queue, it is
-    full, or the broker is down: never leave a client hanging. A refused job is failed
-    unless `fail_refused` is False (a route's next backend will take it)."""
+def enqueue(
+    job: Job,
+    route: LocalRoute,
+    payload: Any,
+    weight: int = 1,
+    state: QueueState | None = None,
+    *,
+    fail_refused: bool = True,
+) -> None:
+    """Send the job to its device's queue (whose `state` the caller may have read
+    already, for `route`'s deployment, whatever name the client called), or refuse it
+    fast (503) when no worker serves that queue, it is full, or the broker is down:
+    never leave a client hanging. A refused job is failed unless `fail_refused` is
+    False (a route's next backend will take it)."""
     try:
-        state = events.queue_state(job.queue)
+        state = state if state is not None else events.queue_state(job.queue)
         if not state.alive:
             raise ApiError(503, "no_worker", f"No worker is serving the model {job.model!r}; retry later.")
         load = state.models.get(route.name, {})

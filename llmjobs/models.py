@@ -7,6 +7,8 @@ import uuid
 from django.db import models
 from django.utils import timezone
 
+from llmjobs.routing import queue_device
+
 
 class Job(models.Model):
     class Status(models.TextChoices):
@@ -80,6 +82,12 @@ class Job(models.Model):
     @property
     def total_tokens(self) -> int:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    @property
+    def device(self) -> str:
+        """The device whose queue a local job went to ("" for other jobs): with
+        replicas, the one it was sent to (or moved to, its first worker gone)."""
+        return queue_device(self.queue) if self.queue else ""
 
     @property
     def queue_wait_s(self) -> float | None:

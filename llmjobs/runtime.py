@@ -27,7 +27,7 @@ from llmjobs.device import DeviceLoop, Watchdog
 from llmjobs.engine import JOB_FAILED_MESSAGE, Ticket
 from llmjobs.jobkinds import ModelUnavailable
 from llmjobs.models import Job
-from llmjobs.routing import device_queue_name
+from llmjobs.routing import device_queue_name, local_node, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ def get_algorithm(name: str) -> Capabilities:
         deployment = settings.LLM_CONFIG.deployment(name)
         if deployment is None:
             raise LookupError(f"no deployment named {name!r}")
-        log.info("loading %s (%s) on %s", name, deployment.algorithm, deployment.device)
+        device = worker_device() or deployment.devices[0]  # a replica loads on its worker's own device
+        log.info("loading %s (%s) on %s", name, deployment.algorithm, device)
         try:
-            algorithm = capabilities_of(build_algorithm(deployment.algorithm, deployment.device, deployment.options))
+            algorithm = capabilities_of(build_algorithm(deployment.algorithm, device, deployment.options))
         except Exception as exc:
             reason = load_failure_reason(exc)
             _load_failures[name] = (time.monotonic(), reason)
@@ -104,13 +105,14 @@ def start_device(device: str, preload: bool) -> DeviceLoop:
     global _loop
     with _loop_lock:
         if _loop is None:
-            _loop = DeviceLoop(device, get_algorithm, configured_max_batch, lambda: model_states(device))
+            worker = this_worker(device)
+            _loop = DeviceLoop(device, get_algorithm, configured_max_batch, lambda: model_states(device), worker)
 
             def before() -> None:
                 if preload:
                     preload_algorithms(device)
                 _loop.publish_state()  # the load states are known before the queue is served
-                start_heartbeat(device)
+                start_heartbeat(device, worker)
 
             _loop.start(before)
             Watchdog(_loop).start()
@@ -172,16 +174,24 @@ def record_ending(ticket: Ticket) -> None:
         code, message = ticket.failure
         lifecycle.fail_in_worker(ticket.job_id, code, message, device=ticket.device_use())
     elif ticket.abandoned:
-        fail_abandoned_job(ticket.job_id)
+        fail_abandoned_job(ticket.job_id, ticket.worker)
     if ticket.started is not None:  # after the follower has its answer: off its path
         metrics.RUN_SECONDS.labels(ticket.model).observe(ended - ticket.started)
         metrics.DEVICE_SECONDS.labels(ticket.model).inc(ticket.device_s)
 
 
-def fail_abandoned_job(job_id: str) -> None:
+def fail_abandoned_job(job_id: str, worker: str) -> None:
     """A job already marked running that reaches a worker again was redelivered because
     the process running it died (killed, out of memory, a CUDA crash). Running it again
-    could kill the next process too, so it fails, refunded, and its client is told."""
+    could kill the next process too, so it fails, refunded, and its client is told.
+    Unless another live worker of its queue runs it: a message two workers took (one
+    restored for a dead worker while a live one had just taken it) runs once, there."""
+    running_on = Job.objects.filter(id=job_id, status=Job.Status.RUNNING).values_list("worker", "queue").first()
+    if running_on is not None and running_on[0] != worker:
+        running_worker, queue = running_on
+        if any(w.name == running_worker for w in events.queue_state(queue).workers):
+            log.info("job %s skipped: %s, alive, runs it", job_id, running_worker)
+            return
     if lifecycle.fail_in_worker(job_id, "worker_lost", WORKER_LOST_MESSAGE, only_status=Job.Status.RUNNING):
         log.error("job %s was abandoned by a dead worker process; marked failed", job_id)
     else:
@@ -190,6 +200,11 @@ def fail_abandoned_job(job_id: str) -> None:
 
 def worker_device() -> str | None:
     return os.environ.get(DEVICE_ENV)
+
+
+def this_worker(device: str) -> str:
+    """This host's worker of `device`: its Celery node name and its name in Redis."""
+    return worker_name(device_queue_name(device), local_node())
 
 
 def preload_algorithms(device: str) -> None:
@@ -203,10 +218,11 @@ def preload_algorithms(device: str) -> None:
             log.exception("preloading %s failed", deployment.name)
 
 
-def start_heartbeat(device: str) -> threading.Thread:
-    """Tell the web tier this device's queue has a live worker: a key with a short TTL,
-    refreshed from a daemon thread while Celery consumes the queue (not before it
-    has, nor while it reconnects to a restarted Redis). No key → requests fail fast
+def start_heartbeat(device: str, worker: str) -> threading.Thread:
+    """Tell the web tier this device's queue has a live worker, `worker`: its field in
+    the queue's heartbeat hash, good for three intervals, refreshed from a daemon thread
+    while Celery consumes the queue (not before it has, nor while it reconnects to a
+    restarted Redis). No live worker on any host → requests fail fast
     with 503."""
     queue = device_queue_name(device)
     interval = settings.LLM_CONFIG.worker.heartbeat_s
@@ -217,10 +233,10 @@ def start_heartbeat(device: str) -> threading.Thread:
         while not stop.is_set():
             try:
                 if consuming.is_set():
-                    events.beat(queue, ttl_s=interval * 3)
+                    events.beat(queue, ttl_s=interval * 3, worker=worker)
                     beating = True
                 elif beating:  # it stopped consuming (a warm shutdown, a lost broker): no new jobs
-                    events.clear_heartbeat(queue)
+                    events.clear_heartbeat(queue, worker)
                     beating = False
             except Exception:
                 log.warning("heartbeat to Redis failed; retrying")

@@ -19,13 +19,14 @@ def job_for_key(job_id: str, key_id: int) -> Job:
 
 def queue_place(job: Job) -> tuple[int, float | None]:
     """Where a queued job stands: how many jobs go before it (0 = next), in the order
-    the device's fair admission will run them, and in how many seconds a slot should
-    be its, from the deployment's recent job times (None until one is measured). A
-    job its worker does not hold yet waits behind all that it holds."""
-    deployment = deployment_state(job)
-    place = place_among_held(job, deployment)
+    its worker's fair admission will run them, and in how many seconds a slot should be
+    its, from the deployment's recent job times (None until one is measured). A job no
+    worker holds yet waits behind all that its queue's workers hold."""
+    per_worker = events.worker_deployments(job.queue)
+    place = place_among_held(job, per_worker)
     if place is not None:
         return place
+    deployment = events.merge_deployments(per_worker.values()).get(job.model)
     sent_before = Job.objects.filter(queue=job.queue, status=Job.Status.QUEUED, created_at__lt=job.created_at)
     position = max(sent_before.count(), len(deployment["waiting"]) if deployment else 0)
     return position, eta_s(position, deployment)
@@ -34,21 +35,19 @@ def queue_place(job: Job) -> tuple[int, float | None]:
 def held_place(job: Job) -> tuple[int, float | None] | None:
     """The job's place among those its worker holds waiting (one Redis read, no
     database), or None when it is not one of them (running, ended, or not held yet)."""
-    return place_among_held(job, deployment_state(job))
+    return place_among_held(job, events.worker_deployments(job.queue))
 
 
-def place_among_held(job: Job, deployment: dict | None) -> tuple[int, float | None] | None:
-    waiting = deployment["waiting"] if deployment else []
+def place_among_held(job: Job, per_worker: dict[str, dict[str, dict]]) -> tuple[int, float | None] | None:
+    """Its place in the waiting jobs of the worker that holds it, at that worker's pace."""
     job_id = str(job.id)
-    if job_id not in waiting:
-        return None
-    position = waiting.index(job_id)
-    return position, eta_s(position, deployment)
-
-
-def deployment_state(job: Job) -> dict | None:
-    """What the job's device worker last published about the job's deployment."""
-    return events.deployment_states(job.queue).get(job.model)
+    for deployments in per_worker.values():
+        deployment = deployments.get(job.model)
+        waiting = deployment["waiting"] if deployment else []
+        if job_id in waiting:
+            position = waiting.index(job_id)
+            return position, eta_s(position, deployment)
+    return None
 
 
 def eta_s(position: int, deployment: dict | None) -> float | None:

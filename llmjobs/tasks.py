@@ -32,7 +32,8 @@ def run_job(
 
 @worker_shutdown.connect
 def on_worker_shutdown(**kwargs) -> None:
+    """This worker stops serving its device (the device's workers on other hosts go on)."""
     device = runtime.worker_device()
     if device:
         with contextlib.suppress(Exception):
-            events.clear_heartbeat(device_queue_name(device))
+            events.clear_heartbeat(device_queue_name(device), runtime.this_worker(device))

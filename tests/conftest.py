@@ -136,9 +136,13 @@ def child_env(**overrides: str) -> dict[str, str]:
     return {"DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url_for_subprocesses(), **overrides}
 
 
-def start_worker(device: str) -> subprocess.Popen:
-    log = logs_dir() / f"worker-{device.replace(':', '-')}.log"
-    return processes.spawn(processes.manage_argv("runworker", device, "--loglevel", "WARNING"), child_env(), log)
+def start_worker(device: str, **env: str) -> subprocess.Popen:
+    """`runworker <device>` in its own process group; `env` on top of the children's
+    (`DLA_NODE="host-a"`: a worker of another host, by its name)."""
+    node = f"-{env['DLA_NODE']}" if env.get("DLA_NODE") else ""
+    log = logs_dir() / f"worker-{device.replace(':', '-')}{node}.log"
+    argv = processes.manage_argv("runworker", device, "--loglevel", "WARNING")
+    return processes.spawn(argv, child_env(**env), log)
 
 
 def start_web(port: int, **env: str) -> subprocess.Popen:

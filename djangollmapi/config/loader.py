@@ -167,14 +167,15 @@ class LLMConfig(Section):
 
     @property
     def devices(self) -> list[str]:
-        """Each device once, in config order: one queue and one worker each."""
-        return list(dict.fromkeys(d.device for d in self.deployments))
+        """Each device once, in config order (a deployment's replicas each): one queue
+        each, and a worker on every host that serves it."""
+        return list(dict.fromkeys(device for d in self.deployments for device in d.devices))
 
     def deployment(self, name: str) -> Deployment | None:
         return next((d for d in self.deployments if d.name == name), None)
 
     def deployments_on(self, device: str) -> list[Deployment]:
-        return [d for d in self.deployments if d.device == device]
+        return [d for d in self.deployments if device in d.devices]
 
     def upstream_for(self, model: str) -> tuple[Upstream, UpstreamModel] | None:
         """The provider serving `model` and its entry there, or None (local or unknown)."""
@@ -243,6 +244,7 @@ ENV_OVERRIDES = (
     ("DJANGO_SECRET_KEY", "server", "secret_key"),
     ("DATABASE_URL", "database", "url"),
     ("REDIS_URL", "redis", "url"),
+    ("DLA_NODE", "worker", "node"),
 )
 
 

@@ -38,6 +38,7 @@ HARD_LIMIT_GRACE_S = 2.0
 VISIBILITY_MARGIN_S = 300
 
 DEVICE_PATTERN = re.compile(r"^(cpu(:\d+)?|cuda:\d+|mps)$")
+NODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ORIGIN_PATTERN = re.compile(r"^https?://[^/\s]+$")
 JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 
@@ -111,6 +112,16 @@ class WorkerConfig(Section):
     # Jobs the device's worker holds at once, running and waiting (Celery's prefetch):
     # the window in which its fair admission across keys sees who is waiting.
     max_held: Annotated[int, Field(ge=1, le=4096)] = 128
+    # This host's name among the workers of a device (env DLA_NODE wins; empty: the
+    # hostname): two workers of one device name, on two hosts, need two nodes.
+    node: str = ""
+
+    @field_validator("node")
+    @classmethod
+    def node_name(cls, value: str) -> str:
+        if value and not NODE_PATTERN.match(value):
+            raise invalid(f"{value!r} is not a node name (letters, digits and ._-, up to 64)")
+        return value
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -130,9 +141,14 @@ class UrlSection(Section):
 
 
 class Deployment(Section):
+    """One model name. It is served by one `device`, or by several: `devices` (its
+    replicas, each job on the one with the shortest expected wait). Either way
+    `devices` holds them once read; `device` is the one device, None for replicas."""
+
     name: ModelName
     algorithm: str
-    device: str = "cpu"
+    device: str | None = None
+    devices: Array[str] = ()
     options: dict[str, Any] = Field(default_factory=dict)
     timeout_s: Annotated[PositiveSeconds | None, BeforeValidator(zero_means_unset)] = None
     # Jobs of this deployment in flight at once on its device: 1 runs them one at a
@@ -147,10 +163,36 @@ class Deployment(Section):
 
     @field_validator("device")
     @classmethod
-    def known_device(cls, value: str) -> str:
-        if not DEVICE_PATTERN.match(value):
+    def known_device(cls, value: str | None) -> str | None:
+        if value is not None and not DEVICE_PATTERN.match(value):
             raise invalid(f"{value!r} is not cpu, cpu:N, cuda:N or mps")
         return value
+
+    @field_validator("devices")
+    @classmethod
+    def known_replicas(cls, devices: tuple[str, ...]) -> tuple[str, ...]:
+        for index, device in enumerate(devices):
+            if not DEVICE_PATTERN.match(device):
+                raise invalid(f"{device!r} is not cpu, cpu:N, cuda:N or mps", key=f"[{index}]")
+            if device in devices[:index]:
+                raise invalid(f"{device!r} is listed twice", key=f"[{index}]")
+        return devices
+
+    @model_validator(mode="after")
+    def one_placement(self) -> Deployment:
+        """`device` or `devices`, not both; neither is the default `cpu`."""
+        if self.device is not None and self.devices:
+            raise invalid("set device or devices, not both", key="devices")
+        if "devices" in self.model_fields_set and not self.devices:
+            raise invalid("must list at least one device", key="devices")
+        if self.devices:
+            return self if len(self.devices) > 1 else self.model_copy(update={"device": self.devices[0]})
+        return self.model_copy(update={"device": self.device or "cpu", "devices": (self.device or "cpu",)})
+
+    @property
+    def replicated(self) -> bool:
+        """Served by more than one device: each job's device is chosen as it is sent."""
+        return len(self.devices) > 1
 
     @field_validator("options")
     @classmethod

@@ -37,24 +37,56 @@ QUEUED, RUNNING = Job.Status.QUEUED, Job.Status.RUNNING
 # --- the decision, pure --------------------------------------------------------------
 
 
-def job(status: str = QUEUED, queue: str = "q") -> ActiveJob:
-    return ActiveJob("j", status, queue, "m")
+def job(status: str = QUEUED, queue: str = "q", worker: str = "w") -> ActiveJob:
+    return ActiveJob("j", status, queue, "m", worker if status == RUNNING else "")
+
+
+J = frozenset({"j"})
+LIVE_Q = {"alive_queues": frozenset({"q"}), "alive_workers": frozenset({"w"})}
 
 
 @pytest.mark.parametrize(
     ("status", "sightings", "seen"),
     [
-        (QUEUED, Sightings(in_broker=frozenset({"j"})), True),  # a worker will take its message
-        (QUEUED, Sightings(held=frozenset({"j"})), True),
-        (QUEUED, Sightings(alive_queues=frozenset({"q"})), False),  # its worker lives, its message is gone
-        (RUNNING, Sightings(held=frozenset({"j"})), True),  # its worker publishes it: running
-        (RUNNING, Sightings(in_broker=frozenset({"j"}), alive_queues=frozenset({"q"})), True),
-        (RUNNING, Sightings(in_broker=frozenset({"j"})), False),  # held unacked by a worker now dead
-        (RUNNING, Sightings(alive_queues=frozenset({"q"})), False),  # its worker no longer runs it
+        (QUEUED, Sightings(listed={"j": "q"}, **LIVE_Q), True),  # its live worker will take its message
+        (QUEUED, Sightings(held=J), True),
+        (QUEUED, Sightings(in_broker=J), True),  # a message it cannot read: the safe side
+        (QUEUED, Sightings(**LIVE_Q), False),  # its worker lives, its message is gone
+        (QUEUED, Sightings(listed={"j": "q"}), False),  # in a queue nobody serves or restarts
+        (QUEUED, Sightings(listed={"j": "q"}, supervised_queues=frozenset({"q"})), True),  # its worker restarts
+        (QUEUED, Sightings(unacked={"j": "tag"}, **LIVE_Q), False),  # taken by a worker no longer alive
+        (RUNNING, Sightings(held=J), True),  # its worker publishes it: running
+        (RUNNING, Sightings(unacked={"j": "tag"}, **LIVE_Q), True),  # its worker lives
+        (RUNNING, Sightings(unacked={"j": "tag"}, alive_queues=frozenset({"q"})), False),  # another one of q
+        (RUNNING, Sightings(unacked={"j": "tag"}), False),  # held unacked by a worker now dead
+        (RUNNING, Sightings(**LIVE_Q), False),  # its worker no longer runs it
     ],
 )
 def test_where_a_job_counts_as_held(status, sightings, seen):
     assert reaper.is_seen(job(status), sightings) is seen
+
+
+def test_a_queued_job_in_a_dead_queue_waits_for_a_restart_unless_a_replica_can_take_it():
+    listed = {"listed": {"j": "q"}, "supervised_queues": frozenset({"q"})}
+    replicas = {"m": ["q", "r"]}
+    assert reaper.is_seen(job(), Sightings(**listed), replicas)
+    live_replica = Sightings(**listed, alive_queues=frozenset({"r"}))
+    assert not reaper.is_seen(job(), live_replica, replicas)
+    (stranded,) = judge([job()], live_replica, {"j": 0.0}, now=100.0, grace_s=30, replicas=replicas).stranded
+    assert stranded.targets == ("r",)
+
+
+def test_a_stranded_job_goes_to_a_live_queue_else_back_to_a_restarting_one_else_it_is_lost():
+    def verdict(**sightings):
+        return judge([job()], Sightings(**sightings), {"j": 0.0}, now=100.0, grace_s=30, replicas={"m": ["q", "r"]})
+
+    # unacknowledged, nobody live holds it: its own queue is live again, or a replica
+    assert verdict(unacked={"j": "t"}, alive_queues=frozenset({"q", "r"})).stranded[0].targets == ("q", "r")
+    assert verdict(unacked={"j": "t"}, supervised_queues=frozenset({"q"})).stranded[0].targets == ("q",)
+    (lost,) = verdict(unacked={"j": "t"}).lost
+    assert lost.code == "job_lost"
+    (lost,) = verdict(listed={"j": "q"}).lost  # nobody serves or restarts q, no replica
+    assert lost.code == "job_lost"
 
 
 def test_a_job_is_lost_only_once_every_look_missed_it_for_the_grace():
@@ -72,9 +104,9 @@ def test_a_job_seen_again_has_its_count_dropped():
 
 
 def test_a_running_job_without_a_live_worker_is_worker_lost_else_job_lost():
-    (dead,) = judge([job(RUNNING)], Sightings(), {"j": 0.0}, now=100.0, grace_s=30).lost
-    assert dead.code == "worker_lost"
-    (alive,) = judge([job(RUNNING)], Sightings(alive_queues=frozenset({"q"})), {"j": 0.0}, 100.0, 30).lost
+    (dead,) = judge([job(RUNNING)], Sightings(alive_queues=frozenset({"q"})), {"j": 0.0}, now=100.0, grace_s=30).lost
+    assert dead.code == "worker_lost"  # its queue has another live worker, not the one that ran it
+    (alive,) = judge([job(RUNNING)], Sightings(**LIVE_Q), {"j": 0.0}, 100.0, 30).lost
     assert alive.code == "job_lost"
 
 
@@ -84,9 +116,11 @@ def test_sweeps_come_several_times_a_grace_at_most_every_5_s():
 
 # --- one sweep in this process: the real database and Redis --------------------------
 
-# A queue in no config: the suite's own supervisors, sweeping the configured queues,
-# never judge its jobs while these tests do.
+# A queue in no config, and a model no deployment names: the suite's own supervisors,
+# sweeping the configured queues, never judge these jobs while these tests do, and no
+# replica could take them.
 TEST_QUEUE = device_queue_name("cuda:9")
+TEST_MODEL = "reaped"
 GRACE_S = 0.3
 
 
@@ -96,15 +130,15 @@ def charged(transactional_db, redis_server) -> Iterator:
     call and its reservation as admission charges them."""
     made: list[Job] = []
 
-    def make(status: str = QUEUED) -> Job:
+    def make(status: str = QUEUED, worker: str = "gone@host") -> Job:
         api_key, _ = ApiKey.objects.issue(name="reaped")
         request = CheckedChat(reserve_tokens=5, input_text="hi")
         reserved = lifecycle.reservation(request)
         ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=reserved)
         old = timezone.now() - timedelta(minutes=5)
-        made_job = lifecycle.create_job(api_key.id, "echo", request, queue=TEST_QUEUE, created_at=old)
+        made_job = lifecycle.create_job(api_key.id, TEST_MODEL, request, queue=TEST_QUEUE, created_at=old)
         if status == RUNNING:
-            assert lifecycle.start(str(made_job.id), "gone@host")
+            assert lifecycle.start(str(made_job.id), worker)
         made.append(made_job)
         return made_job
 
@@ -113,6 +147,7 @@ def charged(transactional_db, redis_server) -> Iterator:
     if made:
         redis_server.hdel(reaper.UNSEEN_KEY, *(str(j.id) for j in made))
     events.clear_heartbeat(TEST_QUEUE)
+    events.clear_supervisor(TEST_QUEUE, events.local_worker(TEST_QUEUE))
 
 
 def sweep_twice() -> list[reaper.Lost]:
@@ -124,7 +159,7 @@ def sweep_twice() -> list[reaper.Lost]:
 
 def send_message(job_id: str) -> None:
     """The job's message, sent to its queue as `lifecycle.enqueue` sends it."""
-    celery_app.send_task(lifecycle.RUN_TASK, args=(job_id, "echo", "run", "hi"), task_id=job_id, queue=TEST_QUEUE)
+    celery_app.send_task(lifecycle.RUN_TASK, args=(job_id, TEST_MODEL, "run", "hi"), task_id=job_id, queue=TEST_QUEUE)
 
 
 def test_a_queued_job_nothing_holds_is_failed_and_refunded_once(charged):
@@ -152,27 +187,68 @@ def test_a_job_younger_than_the_grace_is_never_touched(charged, redis_server):
     assert not redis_server.hexists(reaper.UNSEEN_KEY, str(young.id))  # not even counted
 
 
-def test_a_queued_job_whose_message_waits_in_its_queue_is_left_alone(charged):
+def test_a_queued_job_whose_message_waits_in_its_served_queue_is_left_alone(charged):
     waiting = charged()
     send_message(str(waiting.id))
+    events.beat(TEST_QUEUE, ttl_s=30)
     assert sweep_twice() == []
     assert Job.objects.get(id=waiting.id).status == QUEUED
 
 
-def test_a_job_held_unacknowledged_is_left_alone(charged, redis_server):
+def test_a_queued_job_waits_for_its_worker_while_a_supervisor_restarts_it(charged):
+    waiting = charged()
+    send_message(str(waiting.id))
+    events.beat_supervisor(TEST_QUEUE, events.local_worker(TEST_QUEUE), ttl_s=30)  # no worker: a restart
+    assert sweep_twice() == []
+    assert Job.objects.get(id=waiting.id).status == QUEUED
+
+
+def test_a_queued_job_in_a_queue_nobody_serves_or_restarts_is_failed_and_refunded(charged, redis_server):
+    stranded = charged()
+    send_message(str(stranded.id))  # its worker, host and supervisor died for good
+    (ended,) = sweep_twice()
+    row = Job.objects.get(id=stranded.id)
+    assert (ended.code, row.status, row.refunded) == ("job_lost", "failed", True)
+    assert redis_server.llen(TEST_QUEUE) == 1  # left there: a worker that comes back drops it
+
+
+def test_a_job_held_unacknowledged_by_a_live_worker_is_left_alone(charged, redis_server):
     held = charged()
     send_message(str(held.id))
     with celery_app.connection_for_write() as connection:
         # kombu's own delivery: off the list, into the unacked hash, as a worker takes it
         message = connection.default_channel.basic_get(TEST_QUEUE, no_ack=False)
         assert message is not None and redis_server.llen(TEST_QUEUE) == 0
+        events.beat(TEST_QUEUE, ttl_s=30)
+        events.publish_device_state(TEST_QUEUE, 1, {}, {}, ttl_s=30, held=[str(held.id)])
         assert sweep_twice() == []
         message.ack()
     assert Job.objects.get(id=held.id).status == QUEUED
 
 
+def test_a_message_its_dead_worker_held_goes_back_to_the_head_of_its_live_queue(charged, redis_server):
+    held, behind = charged(), charged()
+    send_message(str(held.id))
+    other = "dla.device.cuda-9@the-other-host"
+    with celery_app.connection_for_write() as connection:
+        # taken by a worker whose host then died with its supervisor: nobody restores it
+        assert connection.default_channel.basic_get(TEST_QUEUE, no_ack=False) is not None
+        send_message(str(behind.id))
+        events.beat(TEST_QUEUE, ttl_s=30, worker=other)  # the queue's worker on another host lives on
+        (moved,) = sweep_twice()
+        assert (moved.job.id, moved.target) == (str(held.id), TEST_QUEUE)
+        assert str(held.id) not in "".join(redis_server.hvals("unacked"))
+        head = json.loads(redis_server.lindex(TEST_QUEUE, -1))  # the end kombu's consumers take first
+        assert head["headers"]["id"] == str(held.id) and head["headers"]["redelivered"] is True
+        assert head["properties"]["delivery_info"]["routing_key"] == TEST_QUEUE
+        assert redis_server.llen(TEST_QUEUE) == 2
+        assert Job.objects.get(id=held.id).status == QUEUED
+        assert sweep_twice() == []  # listed in a served queue now: seen
+    events.clear_heartbeat(TEST_QUEUE, other)
+
+
 def test_a_running_job_its_live_worker_publishes_is_left_alone_until_it_stops(charged):
-    running = charged(RUNNING)
+    running = charged(RUNNING, worker=events.local_worker(TEST_QUEUE))
     events.beat(TEST_QUEUE, ttl_s=30)
     events.publish_device_state(TEST_QUEUE, 0, {}, {}, ttl_s=30, held=[str(running.id)])
     assert sweep_twice() == []
@@ -200,6 +276,7 @@ def test_a_running_job_whose_worker_is_gone_is_worker_lost(charged, redis_server
 def test_a_job_seen_again_starts_its_count_over(charged, redis_server):
     flickering = charged()
     job_id = str(flickering.id)
+    events.beat(TEST_QUEUE, ttl_s=30)
     assert reaper.sweep(GRACE_S, [TEST_QUEUE]) == []  # missed: its count starts
     first_missed = float(redis_server.hget(reaper.UNSEEN_KEY, job_id))
     send_message(job_id)
@@ -229,7 +306,7 @@ def test_reapjobs_watches_the_grace_then_prints_what_it_ended(charged, capsys):
     with override_settings(LLM_CONFIG=settings.LLM_CONFIG.model_copy(update={"server": server})):
         call_command("reapjobs")
     out = capsys.readouterr().out
-    assert f"{lost.get().id} echo (queued on dla.device.cuda-7): failed job_lost, refunded" in out
+    assert f"{lost.get().id} {TEST_MODEL} (queued on dla.device.cuda-7): failed job_lost, refunded" in out
     assert "Ended 1 lost job(s)." in out
     assert lost.get().status == Job.Status.FAILED
 

@@ -1,8 +1,9 @@
 """`manage.py reapjobs`: the operator's sweep for lost jobs (`llmjobs.reaper`), for when
 no worker's supervisor is running to sweep on its own, e.g. every worker of a device
-died for good. A job must be missed for `[server] reap_after_s` before it is ended, so
-the command watches that long (sweeping every few seconds, with any supervisors
-sweeping too), then prints what it ended; `--once` sweeps a single time."""
+died for good. A job must be missed for `[server] reap_after_s` before it is ended (or
+its message moved to a live replica's queue), so the command watches that long
+(sweeping every few seconds, with any supervisors sweeping too), then prints what it
+ended and moved; `--once` sweeps a single time."""
 
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ class Command(BaseCommand):
         if not once:
             self.stdout.write(f"Watching every queue for {grace + every:g} s for jobs nothing holds...")
         deadline = time.monotonic() + (0 if once else grace + every)
-        ended: list[reaper.Lost] = []
+        swept: list[reaper.Lost | reaper.Moved] = []
         while True:
             try:
-                swept = reaper.sweep(grace)
+                outcomes = reaper.sweep(grace)
             except redis.RedisError as exc:
                 raise CommandError(f"Redis cannot be read ({exc}); nothing was ended.") from None
-            for lost in swept:
-                job = lost.job
-                self.stdout.write(f"{job.id} {job.model} ({job.status} on {job.queue}): failed {lost.code}, refunded")
-            ended += swept
+            for outcome in outcomes:
+                self.stdout.write(outcome.describe())
+            swept += outcomes
             if time.monotonic() >= deadline:
                 break
             time.sleep(every)
-        self.stdout.write(f"Ended {len(ended)} lost job(s).")
+        moved = sum(isinstance(outcome, reaper.Moved) for outcome in swept)
+        if moved:
+            self.stdout.write(f"Moved {moved} stranded job(s) to a live queue.")
+        self.stdout.write(f"Ended {len(swept) - moved} lost job(s).")

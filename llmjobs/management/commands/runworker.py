@@ -7,8 +7,6 @@ device's jobs, and the device loop that runs them (`llmjobs.device`)."""
 from __future__ import annotations
 
 import os
-import re
-import socket
 import sys
 
 from django.conf import settings
@@ -23,8 +21,10 @@ from llmjobs.routing import device_queue_name
 
 
 def node_name(device: str) -> str:
-    """The worker's Celery node name, also what a job's `worker` column records."""
-    return re.sub(r"[^A-Za-z0-9.-]", "-", device_queue_name(device)) + "@" + socket.gethostname()
+    """The worker's Celery node name, also what a job's `worker` column records:
+    `<queue>@<node>`, the node being `[worker] node` (env `DLA_NODE`) or the hostname,
+    so that workers of one device name on several hosts are told apart."""
+    return runtime.this_worker(device)
 
 
 def worker_argv(device: str, loglevel: str, node: str) -> list[str]:
@@ -77,7 +77,7 @@ class Command(BaseCommand):
             self.run_worker_process(device, preload, loglevel, node)
             return
         names = ", ".join(d.name for d in served)
-        self.stdout.write(f"worker for {device} (queue {device_queue_name(device)}): {names}")
+        self.stdout.write(f"worker for {device} (queue {device_queue_name(device)}, as {node}): {names}")
         self.stdout.flush()
         argv = [*manage_argv("runworker", device, "--loglevel", loglevel, "--child")]
         argv.append("--preload" if preload else "--no-preload")
