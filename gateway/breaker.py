@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import redis
 from django.conf import settings
 
-from apikeys.ratelimits import SOCKET_TIMEOUT_S
 from djangollmapi.config import Upstream
 
 log = logging.getLogger(__name__)
@@ -305,9 +304,8 @@ class Board:
 @functools.cache
 def client() -> redis.Redis:
     """The breakers' pooled client, with the rate limiter's short timeouts."""
-    return redis.Redis.from_url(
-        settings.REDIS_URL, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S
-    )
+    timeout_s = settings.REDIS_SOCKET_TIMEOUT_S
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 
 @functools.cache
