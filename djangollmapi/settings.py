@@ -127,7 +127,16 @@ def database_settings(url: str, data_dir: Path) -> dict:
         # then gets 503 database_unavailable. reconnect_timeout: the pool's reconnection
         # attempts back off (1, 2, 4 ... s) and give up after this, so a new one starts
         # at the next request: once the database is back, the next calls find it.
-        db.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 20, "timeout": 2, "reconnect_timeout": 5}
+        # max_idle: a connection unused this long is closed (psycopg's default keeps one
+        # 10 min), so a burst's connections go back to PostgreSQL soon after it: every web
+        # process, device worker and supervisor has a pool, and max_connections is 100.
+        db.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": 20,
+            "timeout": 2,
+            "reconnect_timeout": 5,
+            "max_idle": 20,
+        }
         db["OPTIONS"].setdefault("connect_timeout", 3)
     return db
 
