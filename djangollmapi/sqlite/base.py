@@ -19,10 +19,12 @@ autocommit). Reads never wait: WAL readers do not block the writer, nor it them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from django.db import OperationalError
@@ -173,17 +175,13 @@ class DatabaseWrapper(base.DatabaseWrapper):
             self.holds_writer_lock = False
             self.lock().release()
 
-    def writer_lock_held(self):
-        wrapper = self
-
-        class Held:
-            def __enter__(self) -> None:
-                wrapper.take_writer_lock()
-
-            def __exit__(self, *exc) -> None:
-                wrapper.give_back_writer_lock()
-
-        return Held()
+    @contextlib.contextmanager
+    def writer_lock_held(self) -> Iterator[None]:
+        self.take_writer_lock()
+        try:
+            yield
+        finally:
+            self.give_back_writer_lock()
 
     def create_cursor(self, name=None):
         return self.connection.cursor(factory=self.cursor_class)
