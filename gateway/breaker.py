@@ -45,6 +45,9 @@ MAX_RETRY_AFTER_S = 3600.0
 # so an outage costs one timeout every few seconds, not one per call.
 REDIS_RETRY_S = 5.0
 WATCH_ATTEMPTS = 5
+# A success after a reading that found the breaker clean (closed, no failures: what a
+# success leaves) changes nothing: within this long of that reading, it is not read again.
+CLEAN_READ_S = 1.0
 
 T = TypeVar("T")
 
@@ -242,6 +245,8 @@ class Board:
         self.shared = RedisStates(client)
         self.local = LocalStates()
         self.redis_failed_at: float | None = None
+        # provider -> when (monotonic) an admission last found its breaker clean
+        self.clean_at: dict[str, float] = {}
 
     def admit(self, provider: str, policy: Policy) -> Decision:
         """May a route's call try `provider` now (taking the half-open probe if it may)."""
@@ -250,6 +255,7 @@ class Board:
             return decide(state, now, policy)
 
         (state,), now = self.run(lambda store: store.read([provider]))
+        self.note_reading(provider, state)
         decision, new = decide(state, now, policy)
         if new == state:
             return decision
@@ -259,15 +265,31 @@ class Board:
         def change(state: State, now: float) -> tuple[None, State]:
             return None, after_failure(state, now, policy, retry_after_s)
 
+        self.clean_at.pop(provider, None)
         self.run(lambda store: store.change(provider, change, policy))
 
     def succeeded(self, provider: str, policy: Policy) -> None:
+        """Close the breaker's run of failures. The hot path's common case costs no
+        Redis call: a success within CLEAN_READ_S of a reading that found the breaker
+        clean (an admission's, or the last success's here). What it skips is resetting
+        a count another process raised meanwhile; this process's own failures are
+        never skipped over (a failure forgets the reading)."""
+
         def change(state: State, now: float) -> tuple[None, State]:
             return None, after_success(state)
 
+        if time.monotonic() - self.clean_at.get(provider, -math.inf) < CLEAN_READ_S:
+            return
         (state,), _now = self.run(lambda store: store.read([provider]))
         if after_success(state) != state:
             self.run(lambda store: store.change(provider, change, policy))
+        self.clean_at[provider] = time.monotonic()
+
+    def note_reading(self, provider: str, state: State) -> None:
+        if after_success(state) == state:
+            self.clean_at[provider] = time.monotonic()
+        else:
+            self.clean_at.pop(provider, None)
 
     def report(self, providers: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Each provider's state for /readyz and /metrics: its phase, failures in a

@@ -140,6 +140,24 @@ def test_every_process_sees_the_same_breaker_and_only_one_probes(redis_server):
     assert second.report([provider])[provider] == {"state": CLOSED, "consecutive_failures": 0}
 
 
+def test_a_success_just_after_a_clean_admission_asks_redis_nothing(redis_server):
+    """The hot path's common case costs one Redis read (the admission), not two; a
+    failure heard in this process between them is not skipped over."""
+    board, provider = redis_board(), f"p-{uuid.uuid4().hex[:8]}"
+    shared = board.shared.client
+    assert board.admit(provider, POLICY).go
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: any call is refused
+        board.shared.client = redis.Redis(host="127.0.0.1", port=closed.getsockname()[1], socket_timeout=0.5)
+        board.succeeded(provider, POLICY)
+    assert board.redis_failed_at is None  # it did not ask
+
+    board.shared.client = shared
+    board.failed(provider, POLICY)
+    board.succeeded(provider, POLICY)
+    assert board.report([provider])[provider]["consecutive_failures"] == 0
+
+
 def test_a_redis_that_does_not_answer_costs_one_short_timeout_and_never_a_call(redis_server):
     """A listener that takes connections and never answers, as a frozen Redis does:
     the first operation waits for the 0.5 s timeout, the next ones keep this
