@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import http.cookiejar
 import json
 import logging
 import time
@@ -42,6 +43,17 @@ MAX_ERROR_MESSAGE = 2000
 MAX_ERROR_BODY_BYTES = 65_536
 
 
+class NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing: the pooled client serves every key, so a cookie one
+    call's provider set must not ride along on the next (another key's) call."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
+
+
 @functools.cache
 def http_client(name: str) -> httpx.Client:
     """The provider's pooled client, built on first use in each process (after fork)."""
@@ -57,6 +69,7 @@ def http_client(name: str) -> httpx.Client:
         headers={"Accept-Encoding": "identity", **dict(upstream.headers)},
         follow_redirects=False,  # a redirect could carry the secret to another host
         trust_env=False,  # no proxy or netrc from the environment
+        cookies=NoCookies(),  # a jar, used as it is (httpx copies a Cookies' into a new jar)
     )
 
 

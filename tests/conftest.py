@@ -307,7 +307,7 @@ class Gateway(Live):
 
 # The misbehaviours of the provider on `bad_port` (tests/gateway/test_upstream_faults.py),
 # each a model `bad-<name>` whose provider name is the behaviour.
-BAD_BEHAVIOURS = ("hang", "stall", "trickle", "reset", "garbage", "shape", "error", "huge", "endless", "mute")
+BAD_BEHAVIOURS = ("hang", "stall", "trickle", "reset", "garbage", "shape", "error", "huge", "endless", "mute", "cookie")
 
 
 def gateway_config(provider_url: str, down_port: int, mortal_port: int, bad_port: int) -> str:

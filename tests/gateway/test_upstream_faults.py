@@ -40,6 +40,7 @@ class BadProvider(BaseHTTPRequestHandler):
 
     stop = threading.Event()
     bytes_sent: dict[str, int] = {}
+    cookies_heard: list[str | None] = []
     case = ""
 
     def do_POST(self) -> None:
@@ -118,6 +119,22 @@ class BadProvider(BaseHTTPRequestHandler):
         self.events()
         self.wfile.write(b"data: <html>oops</html>\n\n")
         self.hold()
+
+    def cookie_plain(self) -> None:
+        """A good answer that sets a cookie (a session, a load balancer's affinity)."""
+        BadProvider.cookies_heard.append(self.headers.get("Cookie"))
+        answer = json.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": "cookie",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        ).encode()
+        lines = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {len(answer)}"]
+        lines += ["Set-Cookie: session=of-the-first-caller; Path=/", "Connection: close"]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode() + answer)
 
     def shape_plain(self) -> None:
         answer = json.dumps({"hello": "world"}).encode()
@@ -245,6 +262,25 @@ def test_a_misbehaving_provider_is_a_json_error_in_bounded_time(
     assert f"127.0.0.1:{gateway.bad_port}" not in reply.text
     assert elapsed < bound_s + SLACK_S
     assert_failed_and_refunded(key, code)
+
+
+def test_a_cookie_one_call_got_never_rides_on_the_next(gateway, bad_provider, make_key):
+    """The pooled client serves every key: what a provider set for one caller's call
+    is not sent with another's. Both calls go over one keep-alive connection, so one
+    web process (one pooled client) forwards them."""
+    BadProvider.cookies_heard.clear()
+    body = {"model": "bad-cookie", "messages": [{"role": "user", "content": "hi"}]}
+    with requests.Session() as session:
+        replies = [
+            session.post(
+                f"{gateway.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+            )
+            for key in (make_key(), make_key())
+        ]
+
+    assert [reply.status_code for reply in replies] == [200, 200], replies[-1].text
+    assert "set-cookie" not in {name.lower() for name in replies[0].headers}
+    assert BadProvider.cookies_heard == [None, None]
 
 
 def test_a_body_past_the_cap_is_not_read_on(gateway, bad_provider, make_key):
