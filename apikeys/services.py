@@ -109,9 +109,16 @@ def settle_tokens(key_id: int, delta: int) -> None:
     """Correct a reservation by what the call really used (`used - reserved`). One
     atomic increment, so concurrent settlements never lose each other's updates.
     Only the job lifecycle calls it, once per job (llmjobs.lifecycle)."""
-    if delta:
+    statement = settle_statement(key_id, delta)
+    if statement is not None:
         with connection.cursor() as cursor:
-            cursor.execute(SETTLE_SQL, [delta, key_id])
+            cursor.execute(*statement)
+
+
+def settle_statement(key_id: int, delta: int) -> tuple[str, list[int]] | None:
+    """`settle_tokens`' UPDATE and its parameters, for a caller that sends it with
+    others; None when there is nothing to correct."""
+    return (SETTLE_SQL, [delta, key_id]) if delta else None
 
 
 SETTLE_SQL = f"UPDATE {ApiKey._meta.db_table} SET tokens_used = tokens_used + %s WHERE id = %s"

@@ -58,15 +58,26 @@ def add(key_id: int | None, model: str, created_at: datetime | str, counts: Coun
     """Add `counts` to the key's row for the day `created_at` falls on (inside the
     caller's transaction, on its `cursor` if it has one open). A job whose key was
     deleted has no row to count in."""
-    if key_id is None or not settings.LLM_CONFIG.server.usage_rollups:
+    statement = add_statement(key_id, model, created_at, counts)
+    if statement is None:
         return
-    params = [connection.ops.adapt_datefield_value(usage_day(created_at)), key_id, model]
-    params += [getattr(counts, column) for column in COLUMNS]
     if cursor is not None:
-        cursor.execute(UPSERT_SQL, params)
+        cursor.execute(*statement)
         return
     with connection.cursor() as own:
-        own.execute(UPSERT_SQL, params)
+        own.execute(*statement)
+
+
+def add_statement(
+    key_id: int | None, model: str, created_at: datetime | str, counts: Counts
+) -> tuple[str, list[Any]] | None:
+    """`add`'s UPSERT and its parameters, for a caller that sends it with others; None
+    when there is nothing to count (no key, or rollups off)."""
+    if key_id is None or not settings.LLM_CONFIG.server.usage_rollups:
+        return None
+    params = [connection.ops.adapt_datefield_value(usage_day(created_at)), key_id, model]
+    params += [getattr(counts, column) for column in COLUMNS]
+    return UPSERT_SQL, params
 
 
 def usage_day(created_at: datetime | str) -> date:
