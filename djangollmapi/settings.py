@@ -97,7 +97,7 @@ TEMPLATES = [
 ]
 
 
-def database_settings(url: str, data_dir: Path) -> dict:
+def database_settings(url: str, data_dir: Path, pool_max_size: int = 20) -> dict:
     """PostgreSQL through psycopg's pool (a connect costs 9-16 ms here, so never one
     per request); SQLite in the data dir when no URL is configured."""
     if not url:
@@ -132,7 +132,7 @@ def database_settings(url: str, data_dir: Path) -> dict:
         # process, device worker and supervisor has a pool, and max_connections is 100.
         db.setdefault("OPTIONS", {})["pool"] = {
             "min_size": 1,
-            "max_size": 20,
+            "max_size": pool_max_size,
             "timeout": 2,
             "reconnect_timeout": 5,
             "max_idle": 20,
@@ -141,7 +141,9 @@ def database_settings(url: str, data_dir: Path) -> dict:
     return db
 
 
-DATABASES = {"default": database_settings(LLM_CONFIG.database_url, DATA_DIR)}
+DATABASES = {
+    "default": database_settings(LLM_CONFIG.database_url, DATA_DIR, LLM_CONFIG.database.pool_max_size)
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

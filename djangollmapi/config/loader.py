@@ -28,6 +28,7 @@ from djangollmapi.config.sections import (
     LimitsConfig,
     MetricsConfig,
     ServerConfig,
+    DatabaseSection,
     UrlSection,
     WorkerConfig,
     default_deployments,
@@ -49,7 +50,7 @@ def array_of_tables(value: Any, info: ValidationInfo) -> Any:
 class LLMConfig(Section):
     server: ServerConfig = Field(default_factory=dict, validate_default=True)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
-    database: UrlSection = Field(default_factory=UrlSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
     redis: UrlSection = Field(default_factory=UrlSection)
     deployments: Annotated[tuple[Deployment, ...], BeforeValidator(array_of_tables)] = Field(
         default_factory=default_deployments, validate_default=True

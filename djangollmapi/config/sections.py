@@ -140,6 +140,14 @@ class UrlSection(Section):
     url: str = ""
 
 
+class DatabaseSection(UrlSection):
+    """`[database]`: its URL, and the most PostgreSQL connections one process's pool
+    opens (every web process, device worker and supervisor has a pool: their sum is
+    what PostgreSQL's `max_connections` must hold)."""
+
+    pool_max_size: int = Field(20, ge=1, le=1000)
+
+
 class Deployment(Section):
     """One model name. It is served by one `device`, or by several: `devices` (its
     replicas, each job on the one with the shortest expected wait). Either way

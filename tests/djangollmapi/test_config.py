@@ -55,6 +55,15 @@ def test_env_overrides_secrets_and_urls(clean_env, tmp_path):
     assert config.broker_url == "redis://b:2/1"
 
 
+def test_the_pool_size_reaches_postgresql_settings(clean_env, tmp_path):
+    from djangollmapi.settings import database_settings
+
+    config = load_config(write(tmp_path, "[database]\npool_max_size = 7\n"))
+    db = database_settings("postgres://u@h/db", tmp_path, config.database.pool_max_size)
+    assert db["OPTIONS"]["pool"]["max_size"] == 7
+    assert load_config(write(tmp_path, "")).database.pool_max_size == 20
+
+
 def test_deployments_devices_and_timeouts(clean_env, tmp_path):
     path = write(
         tmp_path,
@@ -176,6 +185,7 @@ ROUTE = "[[routes]]\nname = 'r'\n"
         ),
         ("[server]\nallowed_hosts = [1]\n", "server.allowed_hosts[0]", "must be a string, got int"),
         ("[cors]\nmax_age_s = -1\n", "cors.max_age_s", "0 or more"),
+        ("[database]\npool_max_size = 0\n", "database.pool_max_size", "at least 1"),
         (UPSTREAM + "models = ['m']\nheaders = { X-A = 1 }\n", "upstreams[0].headers.X-A", "one-line string"),
         (UPSTREAM + "models = ['m']\nprices = { m = { in = 1 } }\n", "upstreams[0].prices.m.in", "unknown key"),
         (UPSTREAM + "models = ['m']\nheaders = ['a']\n", "upstreams[0].headers", "must be a table, got array"),
