@@ -62,9 +62,19 @@ def test_job_ignoring_its_soft_limit_is_killed_at_the_hard_limit(live, key):
     job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert (job.error_code, job.refunded) == ("job_time_limit", True)
     assert key_row(key).calls_used == 0
-    # The process that hung is replaced and the device serves again.
-    wait_until(lambda: events.worker_alive("cpu:3"), 60, "the restarted worker")
+    # The process that hung is replaced and the device serves again. Until the new one
+    # consumes, the hung one's last heartbeat may still look alive, then none does:
+    # a job is refused 503 no_worker in that gap, never lost.
+    follow = wait_until(lambda: accepted_job(live, key, "long-job", "ok"), 60, "the restarted worker to take jobs")
+    assert wait_until(lambda: Job.objects.filter(id=follow, status=Job.Status.SUCCEEDED).first()).output == "ok"
     again = live.post("/api/", key, json={"text": "z", "model": "sleeper"})
     assert again.status_code == 504  # sleeper itself still outlives its 1 s timeout
-    follow = live.post("/api/jobs/", key, json={"text": "ok", "model": "long-job"}).json()["job_id"]
-    assert wait_until(lambda: Job.objects.filter(id=follow, status=Job.Status.SUCCEEDED).first()).output == "ok"
+
+
+def accepted_job(live, key: str, model: str, text: str) -> str | None:
+    """The job's id once the server takes it; None while it answers 503 no_worker."""
+    reply = live.post("/api/jobs/", key, json={"text": text, "model": model})
+    if reply.status_code == 503 and reply.json()["error"]["code"] == "no_worker":
+        return None
+    assert reply.status_code == 202, reply.text
+    return reply.json()["job_id"]
