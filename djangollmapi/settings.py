@@ -141,9 +141,7 @@ def database_settings(url: str, data_dir: Path, pool_max_size: int = 20) -> dict
     return db
 
 
-DATABASES = {
-    "default": database_settings(LLM_CONFIG.database_url, DATA_DIR, LLM_CONFIG.database.pool_max_size)
-}
+DATABASES = {"default": database_settings(LLM_CONFIG.database_url, DATA_DIR, LLM_CONFIG.database.pool_max_size)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -23,12 +23,12 @@ from djangollmapi.config.routes import RouteConfig
 from djangollmapi.config.sections import (
     HARD_LIMIT_GRACE_S,
     CorsConfig,
+    DatabaseSection,
     Deployment,
     JwtConfig,
     LimitsConfig,
     MetricsConfig,
     ServerConfig,
-    DatabaseSection,
     UrlSection,
     WorkerConfig,
     default_deployments,
