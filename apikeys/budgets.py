@@ -1,7 +1,7 @@
 """Budgets per calendar period: calls, tokens, spend (USD) and device-seconds per day,
 week (from Monday) and month, reset at midnight in `[limits] timezone`.
 
-Taken in the transaction that takes the call (`llmjobs.lifecycle.admit`), one UPSERT
+Taken in the transaction that takes the call (`llmjobs.admission.admit`), one UPSERT
 per period that has a budget: it adds the call's reservation (the call, its token
 reservation, its worst-case spend) to the period's row only if every budget still
 holds, so a call that would cross a budget is refused before it runs (429

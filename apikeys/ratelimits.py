@@ -165,7 +165,7 @@ def limits_for(call: Any, model: str) -> list[Limit]:
 
 def admit(call: Any, model: str, job_id: str, tokens: int) -> Admission:
     """Check and take every limit of the call at once, `tokens` (the call's reservation,
-    `llmjobs.lifecycle.reservation`) of its tokens per minute; 429 with `Retry-After`
+    `llmjobs.admission.reservation`) of its tokens per minute; 429 with `Retry-After`
     when one is reached. Redis unreachable: 503, or a pass with `[limits] fail_open`."""
     limits = limits_for(call, model)
     if not limits:

@@ -1,6 +1,7 @@
-"""A job's lifecycle and its key's charge, in one place: the only code that creates,
-enqueues, starts, hands on (a route's next backend), finishes, fails, cancels, refunds
-and settles a job, local or upstream alike, and the only caller of
+"""A job's lifecycle and its key's charge, in one place: the only code that opens a
+call's admission (`llmjobs.admission` takes it and writes its row, in the transaction
+opened here), enqueues, starts, hands on (a route's next backend), finishes, fails,
+cancels, refunds and settles a job, local or upstream alike, and the only caller of
 `apikeys.services.refund_call` and `settle_tokens`.
 
 The billing policy, all of it here:
@@ -30,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
@@ -39,12 +40,13 @@ from django.utils import timezone
 
 from apikeys import budgets, ratelimits
 from apikeys.keys import PresentedKey
-from apikeys.services import refund_call, settle_statement, settle_tokens, take_call
+from apikeys.services import refund_call, settle_statement, settle_tokens
 from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
 from llmjobs import events, rollups, rows, taskmessage
+from llmjobs.admission import JobRequest, admit, create_admitted_job
 from llmjobs.models import Job
 from llmjobs.routing import QueueState, choose_replica, device_queue_name
 
@@ -56,19 +58,6 @@ CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
 # A provider's refusals that are about our side (its secret, its limits there), not
 # the client's request: refunded like any server-side failure.
 PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
-# What a chat template may add around a prompt's text: role markers, the generation
-# prompt, a default system prompt (SmolLM2's is ~20 tokens). Part of every reservation.
-TEMPLATE_TOKENS = 64
-
-
-class JobRequest(Protocol):
-    """A checked request, as the views hand it over."""
-
-    kind: str
-    input_text: str  # what the row keeps (if payloads are stored) and counts
-    reserve_tokens: int  # taken from the key's token budget with the call
-
-    def payload(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -151,82 +140,6 @@ def place(route: LocalRoute) -> Placement:
     return Placement(queues[index], states[index])
 
 
-@dataclass(frozen=True)
-class Admitted:
-    """A call let in: the key's call, its job's id, what it reserved, and whether its
-    ending must settle rate limits (Redis) and period budgets."""
-
-    call: Any
-    job_id: uuid.UUID
-    at: datetime  # the job's created_at: the moment its budgets' periods are counted in
-    tokens: int
-    spend: Decimal
-    budgeted: bool
-    rate: ratelimits.Admission
-
-
-def admit(presented: PresentedKey, model: str, request: JobRequest, price: Any = None) -> Admitted:
-    """Every check a call passes before it runs, inside the transaction that records
-    its job, so any refusal rolls the whole admission back: the key, its window, quota
-    and token budget (one UPDATE), its period budgets, then its rate limits. It
-    reserves the most it can use: its `max_tokens` and its prompt's bound, and that
-    many tokens at `price` (an upstream model's; None: free)."""
-    tokens = reservation(request)
-    call = take_call(presented, model, tokens)
-    spend = reserved_spend(price, request)
-    at = budgets.now()
-    budgeted = budgets.take(call, tokens, spend, at)
-    job_id = uuid.uuid4()
-    rate = ratelimits.admit(call, model, str(job_id), tokens)
-    return Admitted(call, job_id, at, tokens, spend, budgeted, rate)
-
-
-def reserved_spend(price: Any, request: JobRequest) -> Decimal:
-    """The most a call can cost at `price`: its prompt's bound in, its `max_tokens` out."""
-    if price is None:
-        return Decimal(0)
-    cost = price.cost(prompt_bound(request.input_text), request.reserve_tokens)
-    return Decimal(0) if cost is None else Decimal(str(round(cost, 8)))
-
-
-def reservation(request: JobRequest) -> int:
-    """The tokens a call may use at most, reserved before it runs and settled to what
-    it used: its `max_tokens` (if it generates) and its prompt, bounded from its length
-    so the budget holds whatever the prompt's size. Counting tokens uses none."""
-    if request.kind == Job.Kind.TOKENIZE:
-        return request.reserve_tokens
-    return request.reserve_tokens + prompt_bound(request.input_text)
-
-
-def prompt_bound(text: str) -> int:
-    """At most one token per UTF-8 byte of the text (a byte-level BPE token, as GPT-2,
-    Llama 3, SmolLM2 and OpenAI's tiktoken make them, covers at least one byte), plus
-    what a chat template adds around it."""
-    return len(text.encode("utf-8", "surrogatepass")) + TEMPLATE_TOKENS
-
-
-def create_admitted_job(admitted: Admitted, model: str, request: JobRequest, **fields: Any) -> Job:
-    """`create_job` for an admitted call, carrying its rate-limit headers; should the
-    row not be written, the call's place in its rate limits is given back (its budgets
-    roll back with the transaction)."""
-    admission = {
-        "job_id": admitted.job_id,
-        "created_at": admitted.at,
-        "tokens_reserved": admitted.tokens,
-        "rate_limited": admitted.rate.limited,
-        "budgeted": admitted.budgeted,
-        "spend_reserved": admitted.spend,
-    }
-    try:
-        job = create_job(admitted.call.key_id, model, request, **admission, **fields)
-    except BaseException:
-        if admitted.rate.limited:
-            ratelimits.settle(admitted.call.key_id, model, str(admitted.job_id), -admitted.tokens, release=True)
-        raise
-    job.rate_headers = admitted.rate.headers
-    return job
-
-
 def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
     """Take the call exactly as for a local model and record a job that runs at once
     (the web process forwards it: the provider is the device); the database
@@ -269,47 +182,6 @@ def try_columns(backend: Backend) -> dict[str, Any]:
     if isinstance(backend, LocalRoute):
         return {"backend": "local", "queue": local_queue(backend), "status": Job.Status.QUEUED}
     return {"backend": backend.provider, "queue": "", "status": Job.Status.RUNNING}
-
-
-def create_job(
-    key_id: int,
-    model: str,
-    request: JobRequest,
-    *,
-    queue: str = "",
-    backend: str = "local",
-    status: str = Job.Status.QUEUED,
-    job_id: uuid.UUID | None = None,
-    rate_limited: bool = False,
-    budgeted: bool = False,
-    spend_reserved: Decimal = Decimal(0),
-    created_at: datetime | None = None,
-    tokens_reserved: int | None = None,
-) -> Job:
-    """Record the call before it is queued or sent, so even a lost job leaves a row:
-    one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
-    now, text = created_at or timezone.now(), request.input_text
-    job = Job(
-        id=job_id or uuid.uuid4(),
-        rate_limited=rate_limited,
-        budgeted=budgeted,
-        spend_reserved=spend_reserved,
-        api_key_id=key_id,
-        model=model,
-        backend=backend,
-        queue=queue,
-        kind=request.kind,
-        status=status,
-        input_text=text if settings.LLM_CONFIG.server.store_payloads else "",
-        input_chars=len(text),
-        tokens_reserved=reservation(request) if tokens_reserved is None else tokens_reserved,
-        created_at=now,
-        started_at=now if status == Job.Status.RUNNING else None,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(rows.INSERT_SQL, rows.params(rows.job_columns(job)))
-    job._state.adding, job._state.db = False, connection.alias
-    return job
 
 
 def enqueue(

@@ -44,7 +44,7 @@ def wait_until(check: Callable[[], T], timeout_s: float = 20, what: str = "the c
 @dataclass
 class CheckedChat:
     """A checked chat request as a view hands it to the job lifecycle
-    (`llmjobs.lifecycle.JobRequest`), for tests that make jobs in-process."""
+    (`llmjobs.admission.JobRequest`), for tests that make jobs in-process."""
 
     reserve_tokens: int = 8
     input_text: str = "user: hi"

@@ -106,12 +106,12 @@ def test_a_model_the_config_dropped_stays_allowed_until_unticked(admin_client):
 
 
 def test_a_key_page_shows_its_limits_and_device_time_per_day(admin_client):
-    from llmjobs import lifecycle
+    from llmjobs import admission, lifecycle
     from tests.helpers import CheckedChat
 
     api_key, _ = ApiKey.objects.issue(name="gpu user", weight=2, max_calls=9, allowed_models=["tiny-gpt2"])
     for seconds in (1.25, 0.5):
-        job = lifecycle.create_job(api_key.id, "tiny-gpt2", CheckedChat())
+        job = admission.create_job(api_key.id, "tiny-gpt2", CheckedChat())
         lifecycle.finish(job.id, "out", 1, 1, device=lifecycle.DeviceUse(seconds, 4, timezone.now()))
     page = admin_client.get(f"/admin/apikeys/apikey/{api_key.id}/change/").content.decode()
     assert "device-seconds" in page and "1.750" in page
@@ -134,14 +134,14 @@ def test_saving_a_key_never_writes_its_counters(admin_client):
 
 
 def test_the_overview_lists_top_keys_and_models(admin_client):
-    from llmjobs import lifecycle
+    from llmjobs import admission, lifecycle
     from tests.helpers import CheckedChat
 
     busy, _ = ApiKey.objects.issue(name="busy")
     quiet, _ = ApiKey.objects.issue(name="quiet")
     for api_key, model, calls in ((busy, "echo", 3), (quiet, "words", 1)):
         for _ in range(calls):
-            lifecycle.finish(lifecycle.create_job(api_key.id, model, CheckedChat()).id, "out", 1, 1)
+            lifecycle.finish(admission.create_job(api_key.id, model, CheckedChat()).id, "out", 1, 1)
     listing = admin_client.get("/admin/apikeys/apikey/").content.decode()
     assert reverse("admin:apikeys_usage") in listing
     page = admin_client.get(reverse("admin:apikeys_usage")).content.decode()

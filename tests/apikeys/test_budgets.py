@@ -17,7 +17,7 @@ from apikeys import budgets
 from apikeys.keys import parse_key
 from apikeys.models import ApiKey, BudgetUse
 from djangollmapi.errors import ApiError
-from llmjobs import lifecycle
+from llmjobs import admission, lifecycle
 from llmjobs.models import Job
 from tests.helpers import CheckedChat, error_of, key_row
 
@@ -42,8 +42,8 @@ def admit(plaintext: str, request: CheckedChat | None = None) -> Job:
     """What a view does for a local call, up to the job's row."""
     request = request or CheckedChat()
     with transaction.atomic():
-        admitted = lifecycle.admit(parse_key(plaintext), "echo", request)
-        return lifecycle.create_admitted_job(admitted, "echo", request, queue="dla.device.cpu")
+        admitted = admission.admit(parse_key(plaintext), "echo", request)
+        return admission.create_admitted_job(admitted, "echo", request, queue="dla.device.cpu")
 
 
 def refusal(plaintext: str) -> ApiError:
@@ -90,7 +90,7 @@ def test_periods_begin_on_calendar_boundaries(period, day, starts, ends):
 def test_a_refunded_call_gives_its_call_back_and_tokens_settle_on_use(make_key, clock):
     clock("2026-05-05T12:00:00+00:00")
     request = CheckedChat(reserve_tokens=10, input_text="hi")
-    reserved = lifecycle.reservation(request)
+    reserved = admission.reservation(request)
     key = make_key(budgets={"daily": {"calls": 1, "tokens": reserved + 5}, "monthly": {"tokens": 10_000}})
     failed = admit(key, request)
     assert refusal(key).code == "budget_exhausted"  # one call a day, taken

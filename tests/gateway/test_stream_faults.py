@@ -11,7 +11,7 @@ from algorithms.base import GenerationRequest
 from apikeys.models import ApiKey
 from gateway.protocol.requests import GenerationCall
 from gateway.streaming import generation_stream
-from llmjobs import events, lifecycle
+from llmjobs import admission, events
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
@@ -26,9 +26,9 @@ CALL = GenerationCall(
 
 def job_with_a_broken_ending() -> Job:
     api_key, _ = ApiKey.objects.issue(name="faults")
-    reserved = lifecycle.reservation(CheckedChat())  # what admission took
+    reserved = admission.reservation(CheckedChat())  # what admission took
     ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=reserved)
-    job = lifecycle.create_job(api_key.id, "words", CheckedChat(), queue=device_queue_name("cpu"))
+    job = admission.create_job(api_key.id, "words", CheckedChat(), queue=device_queue_name("cpu"))
     events.emit(str(job.id), "done")  # a `done` without its output
     return job
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from apikeys.models import ApiKey
-from llmjobs import lifecycle
+from llmjobs import admission, lifecycle
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
 from tests.helpers import CheckedChat
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def running_job(reserve: int) -> Job:
     api_key, _ = ApiKey.objects.issue(name="race", max_tokens_total=100)
     request = CheckedChat(reserve, "a b c")
-    reserved = lifecycle.reservation(request)  # max_tokens and the prompt's bound
+    reserved = admission.reservation(request)  # max_tokens and the prompt's bound
     ApiKey.objects.filter(id=api_key.id).update(tokens_used=reserved)  # what the admission reserved
-    job = lifecycle.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
+    job = admission.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
     assert lifecycle.start(str(job.id), "worker@test")
     return job
 

@@ -8,7 +8,7 @@ import pytest
 
 from apikeys.models import ApiKey
 from djangollmapi.errors import ApiError
-from llmjobs import events, lifecycle
+from llmjobs import admission, events, lifecycle
 from llmjobs.follow import Done, Failed, Token, follow_job, wait_for_output
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
@@ -21,8 +21,8 @@ def queued_job() -> Job:
     """A charged, queued job with its reservation taken, as admission leaves one."""
     api_key, _ = ApiKey.objects.issue(name="follow", max_tokens_total=100)
     request = CheckedChat(input_text="a b c")
-    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=lifecycle.reservation(request))
-    return lifecycle.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=admission.reservation(request))
+    return admission.create_job(api_key.id, "words", request, queue=device_queue_name("cpu"))
 
 
 def key_of(job: Job) -> ApiKey:

@@ -11,7 +11,7 @@ import pytest
 from apikeys.models import ApiKey
 from djangollmapi.config import parse_config
 from djangollmapi.routes import route_model
-from llmjobs import lifecycle
+from llmjobs import admission, lifecycle
 from llmjobs.models import Job
 from tests.helpers import CheckedChat
 
@@ -35,7 +35,7 @@ CONFIG = parse_config(
 
 
 REQUEST = CheckedChat(reserve_tokens=20, input_text="twelve chars")
-RESERVED = lifecycle.reservation(REQUEST)  # max_tokens 20 and the prompt's bound
+RESERVED = admission.reservation(REQUEST)  # max_tokens 20 and the prompt's bound
 
 
 def charged_key() -> ApiKey:
@@ -46,7 +46,7 @@ def charged_key() -> ApiKey:
 
 def upstream_job(api_key: ApiKey) -> Job:
     """A job for the provider's model, running, as `open_upstream` records it."""
-    return lifecycle.create_job(api_key.id, "far", REQUEST, backend="prov", status=Job.Status.RUNNING)
+    return admission.create_job(api_key.id, "far", REQUEST, backend="prov", status=Job.Status.RUNNING)
 
 
 def test_the_recorded_row_is_the_job_it_returns():
@@ -59,7 +59,7 @@ def test_the_recorded_row_is_the_job_it_returns():
         "chat",
         "prov",
         12,
-        20 + 12 + lifecycle.TEMPLATE_TOKENS,
+        20 + 12 + admission.TEMPLATE_TOKENS,
     )
     assert row.started_at == row.created_at and row.output is None and not row.refunded
 
@@ -96,7 +96,7 @@ def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
 
 def test_an_output_no_column_can_hold_is_stored_as_a_faithful_copy():
     api_key = charged_key()
-    job = lifecycle.create_job(
+    job = admission.create_job(
         api_key.id, "echo", CheckedChat(reserve_tokens=0, input_text="x"), status=Job.Status.RUNNING
     )
     made = {"text": "a\x00b\ud800c", "parts": ["\x00"]}  # a model's bytes: NUL, a lone surrogate

@@ -24,7 +24,7 @@ from django.utils import timezone
 from apikeys.models import ApiKey
 from djangollmapi import processes
 from djangollmapi.celery import app as celery_app
-from llmjobs import events, lifecycle, reaper
+from llmjobs import admission, events, lifecycle, reaper
 from llmjobs.models import Job, UsageDay
 from llmjobs.reaper import ActiveJob, Sightings, judge
 from llmjobs.routing import device_queue_name
@@ -133,10 +133,10 @@ def charged(transactional_db, redis_server) -> Iterator:
     def make(status: str = QUEUED, worker: str = "gone@host") -> Job:
         api_key, _ = ApiKey.objects.issue(name="reaped")
         request = CheckedChat(reserve_tokens=5, input_text="hi")
-        reserved = lifecycle.reservation(request)
+        reserved = admission.reservation(request)
         ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=reserved)
         old = timezone.now() - timedelta(minutes=5)
-        made_job = lifecycle.create_job(api_key.id, TEST_MODEL, request, queue=TEST_QUEUE, created_at=old)
+        made_job = admission.create_job(api_key.id, TEST_MODEL, request, queue=TEST_QUEUE, created_at=old)
         if status == RUNNING:
             assert lifecycle.start(str(made_job.id), worker)
         made.append(made_job)

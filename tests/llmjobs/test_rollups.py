@@ -16,7 +16,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from apikeys.models import ApiKey
-from llmjobs import lifecycle, retention, rollups
+from llmjobs import admission, lifecycle, retention, rollups
 from llmjobs.models import Job, UsageDay
 from tests.gateway.test_disconnect import open_stream, read_chunks
 from tests.helpers import CheckedChat, key_row, wait_until
@@ -108,7 +108,7 @@ def test_the_rollups_of_a_mixed_run_equal_a_recount_and_outlive_prunejobs(gatewa
 
 
 def new_job(api_key: ApiKey, **fields) -> Job:
-    job = lifecycle.create_job(api_key.id, "echo", CheckedChat(reserve_tokens=5, input_text="abcd"), **fields)
+    job = admission.create_job(api_key.id, "echo", CheckedChat(reserve_tokens=5, input_text="abcd"), **fields)
     return job
 
 
@@ -131,7 +131,7 @@ def test_each_ending_path_counts_a_job_once():
     (row,) = UsageDay.objects.all()
     assert (row.requests, row.succeeded, row.failed, row.cancelled, row.refunded) == (4, 1, 1, 2, 1)
     assert (row.prompt_tokens, row.completion_tokens, row.input_chars) == (4, 7, 16)
-    reserved = lifecycle.reservation(CheckedChat(reserve_tokens=5, input_text="abcd"))
+    reserved = admission.reservation(CheckedChat(reserve_tokens=5, input_text="abcd"))
     assert ApiKey.objects.get(id=api_key.id).tokens_used == 4 + 7 - 4 * reserved  # reservations released
 
 
