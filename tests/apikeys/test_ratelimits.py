@@ -23,7 +23,7 @@ from django.test import override_settings
 from apikeys import ratelimits
 from apikeys.jwt_auth import create_key_for_subject
 from apikeys.models import ApiKey
-from llmjobs.lifecycle import prompt_bound
+from llmjobs.admission import prompt_bound
 from llmjobs.models import Job
 from tests.gateway.test_disconnect import open_stream, read_chunks
 from tests.helpers import error_of, key_row

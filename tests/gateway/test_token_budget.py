@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from apikeys.models import ApiKey
-from llmjobs.lifecycle import prompt_bound
+from llmjobs.admission import prompt_bound
 from llmjobs.models import Job
 from tests.helpers import error_of, key_row
 
