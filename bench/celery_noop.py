@@ -25,6 +25,10 @@ from loadgen import Outcome, Timing
 from report import case_summary, say
 from stack import Stack, spawn_bare
 
+# isort: split
+# After `stack`, which puts the project root on sys.path.
+from djangollmapi.config.loader import kombu_url
+
 QUEUE = "dla.bench.noop"
 TASK = "bench.noop"
 READY_TIMEOUT_S = 60
@@ -32,7 +36,7 @@ READY_TIMEOUT_S = 60
 
 def app_for(redis_url: str) -> Celery:
     """One Celery app for both ends: the stack's Redis as broker and result backend."""
-    url = "redis+socket://" + redis_url.removeprefix("unix://") if redis_url.startswith("unix://") else redis_url
+    url = kombu_url(redis_url)
     app = Celery("bench_noop", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         task_default_queue=QUEUE,

@@ -97,7 +97,7 @@ TEMPLATES = [
 ]
 
 
-def database_settings(url: str, data_dir: Path, pool_max_size: int = 20) -> dict:
+def database_settings(url: str, data_dir: Path, pool_max_size: int) -> dict:
     """PostgreSQL through psycopg's pool (a connect costs 9-16 ms here, so never one
     per request); SQLite in the data dir when no URL is configured."""
     if not url:

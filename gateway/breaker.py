@@ -245,7 +245,7 @@ class Board:
         self.shared = RedisStates(client)
         self.local = LocalStates()
         self.redis_failed_at: float | None = None
-        # provider -> when (monotonic) an admission last found its breaker clean
+        # provider -> when (monotonic) a reading here (an admission's, a success's) last found it clean
         self.clean_at: dict[str, float] = {}
 
     def admit(self, provider: str, policy: Policy) -> Decision:

@@ -347,11 +347,6 @@ def finish(
             return False
         job = EndedJob(*row)
         used = (prompt_tokens or 0) + (completion_tokens or 0)
-        settle = None if job.api_key_id is None else settle_statement(job.api_key_id, used - job.tokens_reserved)
-        if job.budgeted:  # rows in the key's order of locks: key, budget periods, rollup
-            run_together(cursor, [settle])
-            settle_budgets(job, used=used, spend=values["cost_usd"], device_s=values["device_s"])
-            settle = None
         counts = rollups.ended(
             Job.Status.SUCCEEDED,
             input_chars=job.input_chars,
@@ -361,7 +356,14 @@ def finish(
             cost_usd=values["cost_usd"] or Decimal(0),
             device_s=values["device_s"] or 0.0,
         )
-        run_together(cursor, [settle, rollups.add_statement(job.api_key_id, job.model, job.created_at, counts)])
+        settle = None if job.api_key_id is None else settle_statement(job.api_key_id, used - job.tokens_reserved)
+        rollup = rollups.add_statement(job.api_key_id, job.model, job.created_at, counts)
+        if job.budgeted:  # rows in the key's order of locks: key, budget periods, rollup
+            run_together(cursor, [settle])
+            settle_budgets(job, used=used, spend=values["cost_usd"], device_s=values["device_s"])
+            run_together(cursor, [rollup])
+        else:
+            run_together(cursor, [settle, rollup])
     settle_rate_limits(job_id, job, used, release=True)
     count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True

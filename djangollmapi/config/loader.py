@@ -37,6 +37,16 @@ from djangollmapi.config.types import ConfigError, Section, config_error, invali
 from djangollmapi.config.upstreams import Upstream, UpstreamModel
 
 CONFIG_ENV = "DJANGO_LLM_API_CONFIG"
+
+
+def kombu_url(redis_url: str) -> str:
+    """A redis-py URL as kombu (Celery's broker and result backend) spells it: a unix
+    socket is `redis+socket://PATH` there, not `unix://PATH`."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
 DATA_DIR_ENV = "DJANGO_LLM_API_DATA_DIR"
 DEFAULT_CONFIG_PATH = "~/.djangollmapi"
 
@@ -161,10 +171,8 @@ class LLMConfig(Section):
 
     @property
     def broker_url(self) -> str:
-        """The same server spelled for kombu, which names unix sockets differently."""
-        if self.redis_url.startswith("unix://"):
-            return "redis+socket://" + self.redis_url.removeprefix("unix://")
-        return self.redis_url or f"redis+socket://{self.redis_socket}"
+        """The same server spelled for kombu (`kombu_url`)."""
+        return kombu_url(self.redis_client_url)
 
     @property
     def devices(self) -> list[str]:
