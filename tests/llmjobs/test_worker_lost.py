@@ -59,12 +59,16 @@ def test_job_past_its_soft_time_limit_is_stopped_and_refunded(live, key):
 
 def test_job_ignoring_its_soft_limit_is_killed_at_the_hard_limit(live, key):
     job_id = live.post("/api/jobs/", key, json={"text": "x", "model": "stubborn"}).json()["job_id"]
+    wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.RUNNING).exists())
+    (hung,) = child_pids(live.workers["cpu:3"].pid)
     job = wait_until(lambda: Job.objects.filter(id=job_id, status=Job.Status.FAILED).first())
     assert (job.error_code, job.refunded) == ("job_time_limit", True)
     assert key_row(key).calls_used == 0
-    # The process that hung is replaced and the device serves again. Until the new one
-    # consumes, the hung one's last heartbeat may still look alive, then none does:
-    # a job is refused 503 no_worker in that gap, never lost.
+    # The process that hung is replaced and the device serves again. Until it has exited
+    # its consumer may still take a message (redelivered only after the visibility
+    # timeout); until the new one consumes, the hung one's last heartbeat may still look
+    # alive, then none does: a job is refused 503 no_worker in that gap, never lost.
+    wait_until(lambda: hung not in child_pids(live.workers["cpu:3"].pid), 30, "the hung process to exit")
     follow = wait_until(lambda: accepted_job(live, key, "long-job", "ok"), 60, "the restarted worker to take jobs")
     assert wait_until(lambda: Job.objects.filter(id=follow, status=Job.Status.SUCCEEDED).first()).output == "ok"
     again = live.post("/api/", key, json={"text": "z", "model": "sleeper"})
