@@ -1,8 +1,10 @@
 """Admission: every check a call passes before it runs, and the Job row that records
-it, in the one transaction the caller opens (`llmjobs.lifecycle`): the key, its window,
+it (`admit_job`, for `llmjobs.lifecycle`): in one transaction, the key, its window,
 quota and token budget (one UPDATE), its model list, its period budgets, its rate
-limits, then the raw INSERT. A refusal anywhere rolls the whole admission back, so a
-refused call costs nothing and leaves no row. What a call reserves is decided here:
+limits, then the raw INSERT; on PostgreSQL, for a key with nothing more than its quota,
+window, token budget and model list to check, all in one statement
+(`llmjobs.oneround`). A refusal anywhere rolls the whole admission back, so a refused
+call costs nothing and leaves no row. What a call reserves is decided here:
 its `max_tokens` and its prompt's bound, and that many tokens at the model's price.
 """
 
@@ -15,13 +17,13 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from apikeys import budgets, ratelimits
 from apikeys.keys import PresentedKey
 from apikeys.services import take_call
-from llmjobs import rows
+from llmjobs import oneround, rows
 from llmjobs.models import Job
 
 # What a chat template may add around a prompt's text: role markers, the generation
@@ -51,6 +53,33 @@ class Admitted:
     spend: Decimal
     budgeted: bool
     rate: ratelimits.Admission
+
+
+def admit_job(
+    presented: PresentedKey, model: str, request: JobRequest, price: Any = None, **fields: Any
+) -> tuple[Job, int]:
+    """Let the call in and write its Job row (`fields`: its queue, backend, status): in
+    one statement where `llmjobs.oneround` can take it (a key with nothing more to
+    check), else in one transaction through every check (`admit`). The job, carrying
+    its rate-limit headers, and its key's weight (its share of a busy device)."""
+    job = build_job(
+        None,
+        model,
+        request,
+        created_at=budgets.now(),
+        tokens_reserved=reservation(request),
+        spend_reserved=reserved_spend(price, request),
+        **fields,
+    )
+    call = oneround.admit(presented, model, job)
+    if call is not None:
+        job.rate_headers = {}
+        return job, call.weight
+    with transaction.atomic():
+        admitted = admit(presented, model, request, price)
+        job = create_admitted_job(admitted, model, request, **fields)
+    oneround.needed_full_path(presented)
+    return job, admitted.call.weight
 
 
 def admit(presented: PresentedKey, model: str, request: JobRequest, price: Any = None) -> Admitted:
@@ -115,8 +144,18 @@ def create_admitted_job(admitted: Admitted, model: str, request: JobRequest, **f
     return job
 
 
-def create_job(
-    key_id: int,
+def create_job(key_id: int, model: str, request: JobRequest, **fields: Any) -> Job:
+    """Record the call before it is queued or sent, so even a lost job leaves a row:
+    one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
+    job = build_job(key_id, model, request, **fields)
+    with connection.cursor() as cursor:
+        cursor.execute(rows.INSERT_SQL, rows.params(rows.job_columns(job)))
+    job._state.adding, job._state.db = False, connection.alias
+    return job
+
+
+def build_job(
+    key_id: int | None,
     model: str,
     request: JobRequest,
     *,
@@ -130,10 +169,9 @@ def create_job(
     created_at: datetime | None = None,
     tokens_reserved: int | None = None,
 ) -> Job:
-    """Record the call before it is queued or sent, so even a lost job leaves a row:
-    one raw INSERT (`llmjobs.rows`) of the row the model builds with its defaults."""
+    """The Job row of a call, unsaved."""
     now, text = created_at or timezone.now(), request.input_text
-    job = Job(
+    return Job(
         id=job_id or uuid.uuid4(),
         rate_limited=rate_limited,
         budgeted=budgeted,
@@ -150,7 +188,3 @@ def create_job(
         created_at=now,
         started_at=now if status == Job.Status.RUNNING else None,
     )
-    with connection.cursor() as cursor:
-        cursor.execute(rows.INSERT_SQL, rows.params(rows.job_columns(job)))
-    job._state.adding, job._state.db = False, connection.alias
-    return job

@@ -24,6 +24,7 @@ finished twice. Following a job's events is `llmjobs.follow`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,8 +46,8 @@ from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
-from llmjobs import events, rollups, rows, taskmessage
-from llmjobs.admission import JobRequest, admit, create_admitted_job
+from llmjobs import events, oneround, rollups, rows, taskmessage
+from llmjobs.admission import JobRequest, admit_job
 from llmjobs.models import Job
 from llmjobs.routing import QueueState, choose_replica, device_queue_name
 
@@ -101,10 +102,8 @@ def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> J
     """Choose the job's device queue, take the call and record the job in one
     transaction, then queue it there; a failed enqueue fails and refunds it (503)."""
     placement = place(route)
-    with transaction.atomic():
-        admitted = admit(presented, route.name, request)
-        job = create_admitted_job(admitted, route.name, request, queue=placement.queue)
-    enqueue(job, route, request.payload(), weight=admitted.call.weight, state=placement.state)
+    job, weight = admit_job(presented, route.name, request, queue=placement.queue)
+    enqueue(job, route, request.payload(), weight=weight, state=placement.state)
     return job
 
 
@@ -144,9 +143,9 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
     """Take the call exactly as for a local model and record a job that runs at once
     (the web process forwards it: the provider is the device); the database
     connection goes back to the pool for the provider's answer."""
-    with transaction.atomic():
-        admitted = admit(presented, route.name, request, price=route.model)
-        job = create_admitted_job(admitted, route.name, request, backend=route.provider, status=Job.Status.RUNNING)
+    job, _weight = admit_job(
+        presented, route.name, request, price=route.model, backend=route.provider, status=Job.Status.RUNNING
+    )
     release_db_connection()
     return job
 
@@ -155,10 +154,8 @@ def open_routed(presented: PresentedKey, route: FallbackRoute, request: JobReque
     """Take a route's call once, whichever of its backends serves it (its reservation
     and reserved spend the most any of them may use), and record its job as the
     `first` backend's try; the job's `key_weight` is for its device's fair admission."""
-    with transaction.atomic():
-        admitted = admit(presented, route.name, request, price=route)
-        job = create_admitted_job(admitted, route.name, request, **try_columns(first))
-    job.key_weight = admitted.call.weight
+    job, weight = admit_job(presented, route.name, request, price=route, **try_columns(first))
+    job.key_weight = weight
     release_db_connection()
     return job
 
@@ -322,11 +319,13 @@ def finish(
     cost_usd: float | None = None,
     device: DeviceUse | None = None,
 ) -> bool:
-    """Record success and settle the key's tokens, in one transaction of two raw
-    statements (every call pays this): the job's conditional UPDATE ... RETURNING, then
-    the key's increment. An active job has never been settled (every settling path
-    also ends the job), so marking it settled here is the once-only claim.
-    `store_output` False keeps bulky outputs (embedding vectors) out of the table."""
+    """Record success, settle the key's tokens and count the job's day (every call pays
+    this): the job's conditional UPDATE ... RETURNING, the key's increment and the
+    rollup's UPSERT, in one statement on PostgreSQL (`llmjobs.oneround`) for a job
+    without period budgets, else in one transaction that settles those too. An active
+    job has never been settled (every settling path also ends the job), so marking it
+    settled here is the once-only claim. `store_output` False keeps bulky outputs
+    (embedding vectors) out of the table."""
     store = settings.LLM_CONFIG.server.store_payloads and store_output
     values = {
         "status": Job.Status.SUCCEEDED,
@@ -341,21 +340,34 @@ def finish(
         "batch_size": device.batch_size if device else None,
     }
     params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
+    used = (prompt_tokens or 0) + (completion_tokens or 0)
+    counts = rollups.ended(
+        Job.Status.SUCCEEDED,
+        output_chars=values["output_chars"],
+        prompt_tokens=prompt_tokens or 0,
+        completion_tokens=completion_tokens or 0,
+        cost_usd=values["cost_usd"] or Decimal(0),
+        device_s=values["device_s"] or 0.0,
+    )
+    row = oneround.finish(params, used, counts) if oneround.available() else None
+    job = EndedJob(*row) if row is not None else finish_in_transaction(params, used, counts, values)
+    if job is None:
+        return False
+    settle_rate_limits(job_id, job, used, release=True)
+    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
+    return True
+
+
+def finish_in_transaction(params: list[Any], used: int, counts: rollups.Counts, values: dict) -> EndedJob | None:
+    """`finish`'s claim, the key's settlement, the job's period budgets (when it has
+    them) and its day's rollup, in one transaction; the ended job, or None when it was
+    not active."""
     with transaction.atomic(), connection.cursor() as cursor:
         row = claim_finish(cursor, params)
         if row is None:
-            return False
+            return None
         job = EndedJob(*row)
-        used = (prompt_tokens or 0) + (completion_tokens or 0)
-        counts = rollups.ended(
-            Job.Status.SUCCEEDED,
-            input_chars=job.input_chars,
-            output_chars=values["output_chars"],
-            prompt_tokens=prompt_tokens or 0,
-            completion_tokens=completion_tokens or 0,
-            cost_usd=values["cost_usd"] or Decimal(0),
-            device_s=values["device_s"] or 0.0,
-        )
+        counts = dataclasses.replace(counts, input_chars=job.input_chars)
         settle = None if job.api_key_id is None else settle_statement(job.api_key_id, used - job.tokens_reserved)
         rollup = rollups.add_statement(job.api_key_id, job.model, job.created_at, counts)
         if job.budgeted:  # rows in the key's order of locks: key, budget periods, rollup
@@ -364,9 +376,7 @@ def finish(
             run_together(cursor, [rollup])
         else:
             run_together(cursor, [settle, rollup])
-    settle_rate_limits(job_id, job, used, release=True)
-    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
-    return True
+    return job
 
 
 def claim_finish(cursor: Any, params: list[Any]) -> tuple | None:
@@ -582,9 +592,7 @@ def record_cached(
     """A call answered from the response cache: admitted and recorded like any call
     (backend `cache`), ended at once with the cached answer's usage; when hits do not
     count (`counted` False) it uses nothing and its call is given back."""
-    with transaction.atomic():
-        admitted = admit(presented, model, request)
-        job = create_admitted_job(admitted, model, request, backend="cache", status=Job.Status.RUNNING)
+    job, _weight = admit_job(presented, model, request, backend="cache", status=Job.Status.RUNNING)
     prompt, completion = usage if counted else (0, 0)
     finish(job.id, text, prompt, completion, store_output=request.kind != Job.Kind.EMBEDDINGS)
     if not counted:
