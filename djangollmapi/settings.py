@@ -263,10 +263,10 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         # One JSON line per API call (djangollmapi.middleware.RequestLogMiddleware).
         "djangollmapi.requests": {"level": "INFO"},
-        # httpx logs every request's full URL at INFO: an upstream's base_url may carry
-        # a tenant or a token, and the request log already has one line per call.
-        "httpx": {"level": "WARNING"},
-        "httpcore": {"level": "WARNING"},
+        # urllib3 logs each request's path and host (a warning names the host): an
+        # upstream's base_url may carry a tenant or a token, and the request log
+        # already has one line per call.
+        "urllib3": {"level": "ERROR"},
         # Two INFO lines per job ("received", "succeeded") cost the worker real time.
         "celery.app.trace": {"level": "WARNING"},
         "celery.worker.strategy": {"level": "WARNING"},

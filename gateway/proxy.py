@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponseBase, JsonResponse
 
@@ -96,7 +95,7 @@ def heard(route: UpstreamRoute, failure: UpstreamFailure | None = None) -> None:
             breaker.board().failed(route.provider, policy, failure.retry_after_s)
 
 
-def first_event_read(response: httpx.Response, events: Iterator[dict | None]) -> Iterator[dict | None]:
+def first_event_read(response: upstream.ProviderResponse, events: Iterator[dict | None]) -> Iterator[dict | None]:
     """The provider's stream with its first event already read, so a stream that fails
     before it fails before anything reached the client (and a route may go on)."""
     try:
@@ -107,7 +106,7 @@ def first_event_read(response: httpx.Response, events: Iterator[dict | None]) ->
     return itertools.chain([first], events)
 
 
-def provider_events(route: UpstreamRoute, response: httpx.Response) -> Iterator[dict | None]:
+def provider_events(route: UpstreamRoute, response: upstream.ProviderResponse) -> Iterator[dict | None]:
     """The provider's stream as events, None for its `[DONE]`; a stream that ends
     without it, or an event that is not OpenAI's chunk, is an UpstreamFailure."""
     for data in upstream.sse_data(route, response):
@@ -118,7 +117,7 @@ def provider_events(route: UpstreamRoute, response: httpx.Response) -> Iterator[
     raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
 
 
-def response_headers(job: Job, response: httpx.Response) -> dict[str, str]:
+def response_headers(job: Job, response: upstream.ProviderResponse) -> dict[str, str]:
     headers = {"X-Request-Id": str(job.id)}
     request_id = upstream.upstream_request_id(response)
     if request_id:
@@ -151,7 +150,7 @@ def relay_stream(
     job: Job,
     route: UpstreamRoute,
     call: UpstreamCall,
-    response: httpx.Response,
+    response: upstream.ProviderResponse,
     events: Iterator[dict | None],
     client_gone: Callable[[], bool],
     note: dict,
