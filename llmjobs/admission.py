@@ -62,19 +62,20 @@ def admit_job(
     one statement where `llmjobs.oneround` can take it (a key with nothing more to
     check), else in one transaction through every check (`admit`). The job, carrying
     its rate-limit headers, and its key's weight (its share of a busy device)."""
-    job = build_job(
-        None,
-        model,
-        request,
-        created_at=budgets.now(),
-        tokens_reserved=reservation(request),
-        spend_reserved=reserved_spend(price, request),
-        **fields,
-    )
-    call = oneround.admit(presented, model, job)
-    if call is not None:
-        job.rate_headers = {}
-        return job, call.weight
+    if oneround.may_admit(presented):
+        job = build_job(
+            None,
+            model,
+            request,
+            created_at=budgets.now(),
+            tokens_reserved=reservation(request),
+            spend_reserved=reserved_spend(price, request),
+            **fields,
+        )
+        call = oneround.admit(presented, model, job)
+        if call is not None:
+            job.rate_headers = {}
+            return job, call.weight
     with transaction.atomic():
         admitted = admit(presented, model, request, price)
         job = create_admitted_job(admitted, model, request, **fields)

@@ -24,7 +24,6 @@ finished twice. Following a job's events is `llmjobs.follow`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -341,16 +340,8 @@ def finish(
     }
     params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
     used = (prompt_tokens or 0) + (completion_tokens or 0)
-    counts = rollups.ended(
-        Job.Status.SUCCEEDED,
-        output_chars=values["output_chars"],
-        prompt_tokens=prompt_tokens or 0,
-        completion_tokens=completion_tokens or 0,
-        cost_usd=values["cost_usd"] or Decimal(0),
-        device_s=values["device_s"] or 0.0,
-    )
-    row = oneround.finish(params, used, counts) if oneround.available() else None
-    job = EndedJob(*row) if row is not None else finish_in_transaction(params, used, counts, values)
+    row = oneround.finish(params, used, success_counts(values, 0)) if oneround.available() else None
+    job = EndedJob(*row) if row is not None else finish_in_transaction(params, used, values)
     if job is None:
         return False
     settle_rate_limits(job_id, job, used, release=True)
@@ -358,7 +349,20 @@ def finish(
     return True
 
 
-def finish_in_transaction(params: list[Any], used: int, counts: rollups.Counts, values: dict) -> EndedJob | None:
+def success_counts(values: dict[str, Any], input_chars: int) -> rollups.Counts:
+    """What a success with `finish`'s column `values` adds to its day."""
+    return rollups.ended(
+        Job.Status.SUCCEEDED,
+        input_chars=input_chars,
+        output_chars=values["output_chars"],
+        prompt_tokens=values["prompt_tokens"] or 0,
+        completion_tokens=values["completion_tokens"] or 0,
+        cost_usd=values["cost_usd"] or Decimal(0),
+        device_s=values["device_s"] or 0.0,
+    )
+
+
+def finish_in_transaction(params: list[Any], used: int, values: dict[str, Any]) -> EndedJob | None:
     """`finish`'s claim, the key's settlement, the job's period budgets (when it has
     them) and its day's rollup, in one transaction; the ended job, or None when it was
     not active."""
@@ -367,7 +371,7 @@ def finish_in_transaction(params: list[Any], used: int, counts: rollups.Counts, 
         if row is None:
             return None
         job = EndedJob(*row)
-        counts = dataclasses.replace(counts, input_chars=job.input_chars)
+        counts = success_counts(values, job.input_chars)
         settle = None if job.api_key_id is None else settle_statement(job.api_key_id, used - job.tokens_reserved)
         rollup = rollups.add_statement(job.api_key_id, job.model, job.created_at, counts)
         if job.budgeted:  # rows in the key's order of locks: key, budget periods, rollup

@@ -84,12 +84,15 @@ def config_limits() -> bool:
     return any(limits.budget(period, name) is not None for period in BUDGET_PERIODS for name in BUDGETS)
 
 
+def may_admit(presented: PresentedKey) -> bool:
+    """Whether this key's call may try the one-statement admission."""
+    return available() and full_path_until.get(presented.prefix, 0.0) <= time.monotonic()
+
+
 def admit(presented: PresentedKey, model: str, job: Job) -> ConsumedCall | None:
     """Take the call and INSERT `job` (built with every column but its key) in one
     statement; the call taken, or None when the key needs the transactional path (or
     cannot be used: that path says why). `job.tokens_reserved` is what it reserves."""
-    if not available() or full_path_until.get(presented.prefix, 0.0) > time.monotonic():
-        return None
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     reserve, needed = job.tokens_reserved, max(job.tokens_reserved, 1)
     params = [reserve, now, presented.prefix, presented.secret_hash, now, now, needed, model]
