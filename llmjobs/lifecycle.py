@@ -58,6 +58,9 @@ CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
 # A provider's refusals that are about our side (its secret, its limits there), not
 # the client's request: refunded like any server-side failure.
 PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
+# Sent before a bookkeeping statement on PostgreSQL, in the same round trip: its commit
+# waits for no disk flush (a crash may lose its last instants, never a charge).
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF;"
 
 
 @dataclass(frozen=True)
@@ -270,12 +273,19 @@ def release_db_connection() -> None:
 
 
 def start(job_id: str, worker: str) -> bool:
-    """The worker claims a queued job; False when it was cancelled or ended meanwhile."""
-    return bool(
-        Job.objects.filter(id=job_id, status=Job.Status.QUEUED).update(
-            status=Job.Status.RUNNING, started_at=timezone.now(), worker=worker
-        )
-    )
+    """The worker claims a queued job; False when it was cancelled or ended meanwhile.
+    One raw UPDATE (the ORM's costs 0.2 ms more CPU here); on PostgreSQL with the
+    transaction's `synchronous_commit` off, as the finish (`claim_finish`): a
+    database crash may lose the claim, never a charge."""
+    values = [("status", Job.Status.RUNNING), ("started_at", timezone.now()), ("worker", worker), ("id", job_id)]
+    params = [*rows.params(values), Job.Status.QUEUED]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(ASYNC_COMMIT + rows.START_SQL, params)
+            cursor.nextset()
+        else:
+            cursor.execute(rows.START_SQL, params)
+        return cursor.rowcount == 1
 
 
 def complete(job_id: str, outcome: Outcome) -> None:
@@ -392,7 +402,7 @@ def claim_finish(cursor: Any, params: list[Any]) -> tuple | None:
     if connection.vendor != "postgresql":
         cursor.execute(rows.FINISH_SQL, params)
         return cursor.fetchone()
-    cursor.execute("SET LOCAL synchronous_commit TO OFF;" + rows.FINISH_SQL, params)
+    cursor.execute(ASYNC_COMMIT + rows.FINISH_SQL, params)
     cursor.nextset()
     return cursor.fetchone()
 

@@ -1,5 +1,5 @@
-"""The Job table's raw SQL, for the two statements every call runs (the row's INSERT,
-and the UPDATE that finishes it), and the adaptation of their parameters: the ORM's
+"""The Job table's raw SQL, for the statements every call runs (the row's INSERT, the
+worker's claim, and the UPDATE that finishes it), and the adaptation of their parameters: the ORM's
 save costs some 800 Python calls a row here, these about 150. It executes nothing;
 `llmjobs.lifecycle` runs them."""
 
@@ -31,6 +31,9 @@ UPDATE {Job._meta.db_table}
  WHERE id = %s AND status IN (%s, %s)
 RETURNING api_key_id, tokens_reserved, model, created_at, input_chars, rate_limited, budgeted, spend_reserved
 """
+
+# The worker's claim of a queued job (`lifecycle.start`).
+START_SQL = f"UPDATE {Job._meta.db_table} SET status = %s, started_at = %s, worker = %s WHERE id = %s AND status = %s"
 
 
 # The columns whose Python values the database driver cannot take as they are; the

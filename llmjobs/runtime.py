@@ -141,9 +141,8 @@ def execute_job(
     """The task thread's part: hand the job to the device loop, wait for its ending,
     and record it. The job's message stays unacknowledged until then."""
     close_old_connections()  # a connection broken since the last job is replaced, not reused
-    if events.is_cancelled(job_id):
-        log.info("job %s skipped: cancelled", job_id)
-        return
+    # A job cancelled while it waited is skipped where the device loop admits it
+    # (`DeviceLoop.admit`), one Redis round trip a job.
     soft, hard = limits or settings.LLM_CONFIG.job_time_limits(settings.LLM_CONFIG.deployment(model))
     ticket = Ticket(job_id, model, kind, payload, worker, key, weight, sent, soft, hard)
     loop = device_loop()

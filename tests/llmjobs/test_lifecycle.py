@@ -104,3 +104,16 @@ def test_an_output_no_column_can_hold_is_stored_as_a_faithful_copy():
     row = Job.objects.get(id=job.id)
     assert row.status == Job.Status.SUCCEEDED
     assert row.output == {"text": "a\ufffdb\ufffdc", "parts": ["\ufffd"]}
+
+
+def test_a_queued_job_is_claimed_once_and_an_ended_one_never():
+    api_key = charged_key()
+    job = admission.create_job(api_key.id, "echo", REQUEST, queue="dla.cpu")
+    assert lifecycle.start(str(job.id), "cpu@a")
+    assert not lifecycle.start(str(job.id), "cpu@b")  # running already: the second claim loses
+    row = Job.objects.get(id=job.id)
+    assert (row.status, row.worker) == (Job.Status.RUNNING, "cpu@a") and row.started_at is not None
+    ended = admission.create_job(api_key.id, "echo", REQUEST, queue="dla.cpu")
+    assert lifecycle.cancel(ended.id)
+    assert not lifecycle.start(str(ended.id), "cpu@a")
+    assert Job.objects.get(id=ended.id).status == Job.Status.CANCELLED
