@@ -24,7 +24,7 @@ connection per client, the same body and checks):
   unrouted path (gunicorn + Django + our middleware + the JSON 404, no gateway work).
 
 Then our gateway's stages, timed in-process by `bench/gateway_stages.py` (a child
-process; key check and Job INSERT, httpx, finish UPDATEs, logging, the rest of Django),
+process; key check and Job INSERT, the provider call, the finish, logging, the rest of Django),
 to say where the added latency goes; if it fails, the run says so and goes on.
 
 Reports p50/p90/p99 latency, req/s, the latency each gateway adds to the direct call,
@@ -88,7 +88,7 @@ AIM_RATIO_VS_LITELLM_32_CLIENTS = 8.0  # our req/s >= 8x LiteLLM's (32 clients)
 AIM_P99_OVER_P50_32_CLIENTS = 4.0  # our p99 <= 4x our p50 (32 clients)
 PROFILE_RATE_HZ = 100  # 200 Hz over 64 threads falls behind on a busy 2-core machine
 STAGES_TIMEOUT_S = 600
-VERSIONED = ("Django", "djangorestframework", "gunicorn", "httpx", "redis", "psycopg")
+VERSIONED = ("Django", "djangorestframework", "gunicorn", "urllib3", "redis", "psycopg")
 STAGES_KEYS = (
     "requests",
     "in_process_total_ms",

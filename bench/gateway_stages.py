@@ -4,13 +4,15 @@ a child process with the benchmark stack's environment (config, data dir, databa
 Two loops, interleaved request by request so both see the same machine:
 
 - the whole call: the same chat completion through Django in-process (the test
-  client: every middleware, DRF, the view, the pooled httpx client, the real database
+  client: every middleware, DRF, the view, the provider's pooled connections, the real database
   and the real fake provider; no gunicorn, no client socket), with statements and
   COMMITs counted;
 - its stages: the same call made through the seams the view is built of, each one
   timed: the authentication class's `caller_for`, `route_model`, the typed body,
   `lifecycle.open_upstream` (admission + Job INSERT), the provider (`upstream`), and
-  `lifecycle.finish_upstream`, then the request log line.
+  `lifecycle.finish_upstream` (with `[server] write_behind`, its journal line: the
+  database write is the journal writer's thread, off the call's path, and its CPU is
+  in the process's CPU the benchmark reads from /proc), then the request log line.
 
 "rest" is the whole call's p50 minus the stages' p50s: Django, DRF, the middleware,
 JSON. Prints one JSON object: per-stage p50 / mean ms, statements per request, SQL time.
@@ -53,10 +55,10 @@ PATH = "/v1/chat/completions"
 STAGES = (
     "authenticate: parse the Authorization header (caller_for)",
     "route_model + typed body",
-    "admission: key check + reserve + Job INSERT (1 transaction)",
-    "httpx: send + provider answers headers",
-    "httpx: read + JSON-decode body",
-    "Job UPDATE + settle tokens (1 transaction)",
+    "admission: key check + reserve + Job INSERT (1 statement on PostgreSQL)",
+    "provider: send + provider answers headers (urllib3)",
+    "provider: read + JSON-decode body",
+    "finish: the journal's line, rate limits, metrics (the write is behind)",
     "request log line",
 )
 

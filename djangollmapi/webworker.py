@@ -121,6 +121,18 @@ class BufferingThreadWorker(ThreadWorker):
         # Past this without a blank line, the parser takes it and answers 431 / 400.
         cfg = self.cfg
         self.max_head_bytes = cfg.limit_request_line + cfg.limit_request_fields * (cfg.limit_request_field_size + 2) + 4
+        if server.write_behind:
+            from llmjobs import journal, lifecycle
+
+            journal.journal(lifecycle.write_finishes)  # its writer first writes what dead processes left
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            from llmjobs import journal
+
+            journal.close()  # what this process answered is written before it goes
 
     @property
     def buffering(self) -> bool:

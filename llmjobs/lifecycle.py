@@ -35,7 +35,15 @@ from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from apikeys import budgets, ratelimits
@@ -45,7 +53,7 @@ from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
-from llmjobs import events, oneround, rollups, rows, taskmessage
+from llmjobs import events, journal, oneround, rollups, rows, taskmessage
 from llmjobs.admission import JobRequest, admit_job
 from llmjobs.models import Job
 from llmjobs.routing import QueueState, choose_replica, device_queue_name
@@ -328,17 +336,47 @@ def finish(
     cost_usd: float | None = None,
     device: DeviceUse | None = None,
 ) -> bool:
-    """Record success, settle the key's tokens and count the job's day (every call pays
-    this): the job's conditional UPDATE ... RETURNING, the key's increment and the
-    rollup's UPSERT, in one statement on PostgreSQL (`llmjobs.oneround`) for a job
-    without period budgets, else in one transaction that settles those too. An active
-    job has never been settled (every settling path also ends the job), so marking it
-    settled here is the once-only claim. `store_output` False keeps bulky outputs
-    (embedding vectors) out of the table."""
+    """Record success, settle the key's tokens and count the job's day (`record_finish`),
+    then its rate limits and metrics; False when the job had ended already."""
+    used = (prompt_tokens or 0) + (completion_tokens or 0)
+    job = record_finish(
+        job_id,
+        output,
+        prompt_tokens,
+        completion_tokens,
+        store_output=store_output,
+        cost_usd=cost_usd,
+        device=device,
+    )
+    if job is None:
+        return False
+    settle_rate_limits(job_id, job, used, release=True)
+    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
+    return True
+
+
+def record_finish(
+    job_id: Any,
+    output: Any,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    *,
+    store_output: bool = True,
+    cost_usd: float | None = None,
+    device: DeviceUse | None = None,
+    finished_at: datetime | None = None,
+) -> EndedJob | None:
+    """A success in the database (every call pays this): the job's conditional
+    UPDATE ... RETURNING, the key's increment and the rollup's UPSERT, in one statement
+    on PostgreSQL (`llmjobs.oneround`) for a job without period budgets, else in one
+    transaction that settles those too. An active job has never been settled (every
+    settling path also ends the job), so marking it settled here is the once-only
+    claim: the ended job, or None. `store_output` False keeps bulky outputs (embedding
+    vectors) out of the table."""
     store = settings.LLM_CONFIG.server.store_payloads and store_output
     values = {
         "status": Job.Status.SUCCEEDED,
-        "finished_at": device.ended_at if device else timezone.now(),
+        "finished_at": finished_at or (device.ended_at if device else timezone.now()),
         "output": storable_copy(output) if store else None,
         "output_chars": len(output) if isinstance(output, str) else len(str(output)),
         "prompt_tokens": prompt_tokens,
@@ -351,12 +389,7 @@ def finish(
     params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
     used = (prompt_tokens or 0) + (completion_tokens or 0)
     row = oneround.finish(params, used, success_counts(values, 0)) if oneround.available() else None
-    job = EndedJob(*row) if row is not None else finish_in_transaction(params, used, values)
-    if job is None:
-        return False
-    settle_rate_limits(job_id, job, used, release=True)
-    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
-    return True
+    return EndedJob(*row) if row is not None else finish_in_transaction(params, used, values)
 
 
 def success_counts(values: dict[str, Any], input_chars: int) -> rollups.Counts:
@@ -633,8 +666,69 @@ def finish_upstream(
     reported no usage is charged `estimated_usage`. The (prompt, completion) charged."""
     prompt, completion = usage or estimated_usage(job, pieces)
     cost = route.model.cost(prompt, completion)
-    finish(job.id, text, prompt, completion, store_output=job.kind != Job.Kind.EMBEDDINGS, cost_usd=cost)
+    store_output = job.kind != Job.Kind.EMBEDDINGS
+    if settings.LLM_CONFIG.server.write_behind:
+        finish_later(job, text, prompt, completion, store_output=store_output, cost_usd=cost)
+    else:
+        finish(job.id, text, prompt, completion, store_output=store_output, cost_usd=cost)
     return prompt, completion
+
+
+def finish_later(
+    job: Job, text: str, prompt_tokens: int, completion_tokens: int, *, store_output: bool, cost_usd: float | None
+) -> None:
+    """`finish`, write-behind (`llmjobs.journal`): the record goes to this process's
+    journal before the answer goes out, and into the database with the next batch;
+    the rate limits and metrics are settled now."""
+    entry = {
+        "id": str(job.id),
+        "output": text,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "store_output": store_output,
+        "cost_usd": cost_usd,
+        "finished_at": timezone.now().isoformat(),
+    }
+    journal.journal(write_finishes).record(entry)
+    ended = EndedJob(*(getattr(job, name) for name in EndedJob._fields))
+    settle_rate_limits(job.id, ended, prompt_tokens + completion_tokens, release=True)
+    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
+
+
+def write_finishes(entries: list[dict[str, Any]]) -> None:
+    """The journal's batch, in one transaction (one commit, one SQLite write lock); a
+    job that ended meanwhile is left as it is. Should the batch fail for anything but
+    the database being away, each entry is tried alone, and one that cannot be
+    written is logged with what it charged and dropped, so that it holds up no other."""
+    try:
+        with transaction.atomic():
+            for entry in entries:
+                write_finish(entry)
+    except (OperationalError, InterfaceError):
+        raise  # the database is away: the journal keeps the batch and tries again
+    except Exception:
+        log.exception("a batch of %d finished jobs failed; writing them one by one", len(entries))
+        for entry in entries:
+            try:
+                with transaction.atomic():
+                    write_finish(entry)
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception:
+                charged = {name: entry.get(name) for name in ("prompt_tokens", "completion_tokens", "cost_usd")}
+                log.exception("finished job %s could not be recorded (%s); dropped", entry.get("id"), charged)
+
+
+def write_finish(entry: dict[str, Any]) -> None:
+    record_finish(
+        entry["id"],
+        entry["output"],
+        entry["prompt_tokens"],
+        entry["completion_tokens"],
+        store_output=entry["store_output"],
+        cost_usd=entry["cost_usd"],
+        finished_at=datetime.fromisoformat(entry["finished_at"]),
+    )
 
 
 def fail_upstream(job: Job, status: int, code: str, message: str) -> None:

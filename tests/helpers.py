@@ -18,6 +18,18 @@ def key_row(plaintext: str) -> ApiKey:
     return ApiKey.objects.get(prefix=plaintext.split("_")[1])
 
 
+def recorded(plaintext: str, timeout_s: float = 10) -> ApiKey:
+    """The key's row once every upstream answer it got is in the database: a provider's
+    answer is recorded behind it (`[server] write_behind`, llmjobs.journal), a few
+    milliseconds after the client has it."""
+    from llmjobs.models import Job
+
+    api_key = key_row(plaintext)
+    pending = Job.objects.filter(api_key=api_key, status=Job.Status.RUNNING).exclude(backend="local")
+    wait_until(lambda: not pending.exists(), timeout_s, "the key's upstream answers to be recorded")
+    return key_row(plaintext)
+
+
 def error_of(response) -> dict:
     """The OpenAI-shaped error body; fails the test if the shape is wrong or the body
     holds a secret the suite knows (tests/leaks.py)."""

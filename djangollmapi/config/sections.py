@@ -69,6 +69,13 @@ class ServerConfig(Section):
     # The daily usage rollups the console and /api/usage/ read (llmjobs.rollups), kept
     # as calls end; false stops them (the charts stay empty), e.g. to measure their cost.
     usage_rollups: bool = True
+    # An upstream call's answer is recorded by a background writer, in batches, off the
+    # call's path: first appended to this process's journal (in data_dir), so a crash
+    # loses nothing (llmjobs.journal). false: each call's record is written before its
+    # answer goes out. wait_ms: how long the writer gathers a batch (0: what came in
+    # while it wrote the last one).
+    write_behind: bool = True
+    write_behind_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 0.0
     # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.
     https: bool = False
     hsts_seconds: Annotated[int, Field(ge=0)] = 0

@@ -19,7 +19,7 @@ from apikeys.models import ApiKey, BudgetUse
 from djangollmapi.errors import ApiError
 from llmjobs import admission, lifecycle
 from llmjobs.models import Job
-from tests.helpers import CheckedChat, error_of, key_row
+from tests.helpers import CheckedChat, error_of, key_row, recorded
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -142,7 +142,7 @@ def test_60_concurrent_calls_on_a_spend_budget_that_fits_25_charge_exactly_25(ga
     refused = [reply for reply in replies if reply.status_code != 200]
     assert {(reply.status_code, error_of(reply)["code"]) for reply in refused} == {(429, "budget_exhausted")}
     assert len(ok) == 25
-    row = key_row(key)
+    row = recorded(key)
     jobs = Job.objects.filter(api_key=row)
     assert row.calls_used == 25 and jobs.count() == 25
     assert sum(job.cost_usd for job in jobs) == Decimal("0.1")

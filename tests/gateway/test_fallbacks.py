@@ -35,7 +35,7 @@ from gateway import breaker
 from gateway.breaker import CLOSED, HALF_OPEN, OPEN, Board, Policy, State, after_failure, after_success, decide
 from llmjobs.models import Job, UsageDay
 from tests.conftest import free_port, start_web, wait_for_http
-from tests.helpers import error_of, key_row, wait_until
+from tests.helpers import error_of, key_row, recorded, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -369,7 +369,7 @@ def streamed_text(reply: requests.Response) -> str:
 
 
 def jobs_of(key: str) -> list[Job]:
-    return list(Job.objects.filter(api_key=key_row(key)).order_by("created_at"))
+    return list(Job.objects.filter(api_key=recorded(key)).order_by("created_at"))
 
 
 def tried(jobs: list[Job]) -> list[tuple[str, int]]:

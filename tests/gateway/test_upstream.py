@@ -15,7 +15,7 @@ from django.utils import timezone
 from djangollmapi import processes
 from llmjobs.models import Job
 from tests.conftest import PROVIDER_SECRET, start_web, wait_for_http
-from tests.helpers import error_of, key_row, wait_until
+from tests.helpers import error_of, key_row, recorded, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,7 +33,7 @@ def sdk_for(gateway, key: str) -> openai.OpenAI:
 
 
 def jobs_of(key: str):
-    return Job.objects.filter(api_key=key_row(key)).order_by("created_at")
+    return Job.objects.filter(api_key=recorded(key)).order_by("created_at")
 
 
 def assert_secret_hidden(gateway, *responses: requests.Response) -> None:

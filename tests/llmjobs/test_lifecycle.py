@@ -11,7 +11,7 @@ import pytest
 from apikeys.models import ApiKey
 from djangollmapi.config import parse_config
 from djangollmapi.routes import route_model
-from llmjobs import admission, lifecycle
+from llmjobs import admission, journal, lifecycle
 from llmjobs.models import Job
 from tests.helpers import CheckedChat
 
@@ -88,6 +88,7 @@ def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
     job = upstream_job(api_key)
     charged = lifecycle.finish_upstream(job, route, "the answer", usage=None, pieces=5)
     assert charged == (3, 5)  # 12 characters at ~4 a token, one token per streamed piece
+    assert journal.drain()  # written behind the answer ([server] write_behind)
     job.refresh_from_db()
     api_key.refresh_from_db()
     assert (job.prompt_tokens, job.completion_tokens, float(job.cost_usd)) == (3, 5, (3 * 1.0 + 5 * 2.0) / 1e6)

@@ -1,0 +1,103 @@
+"""A crash between an answer and its record loses nothing (`llmjobs.journal`): a web
+process whose writer waits 10 s before each batch answers a call, is killed (SIGKILL,
+no exit handler runs) while the record is only in its journal, and the next web
+process on the host writes it at its start: the job ends `succeeded` with the tokens
+and cost the client was told, charged once to its key and its day."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import requests
+
+from djangollmapi import processes
+from llmjobs.models import Job, UsageDay
+from tests.conftest import PROVIDER_SECRET, PROVIDER_SECRET_ENV, free_port, gateway_config, start_web, wait_for_http
+from tests.helpers import key_row, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = {"model": "up-words", "messages": [{"role": "user", "content": "one two three"}]}
+
+
+def crash_env(live, tmp_path: Path) -> dict[str, str]:
+    """A gateway in front of `live`, with a data dir of its own (so only its own
+    processes find its journals) and a writer that waits 10 s before it writes."""
+    config = tmp_path / "crash.toml"
+    text = gateway_config(live.url, down_port=free_port(), mortal_port=free_port(), bad_port=free_port())
+    config.write_text(text.replace("[server]\n", "[server]\nwrite_behind_wait_ms = 10000\n", 1))
+    return {
+        "DJANGO_LLM_API_CONFIG": str(config),
+        "DJANGO_LLM_API_DATA_DIR": str(tmp_path / "data"),
+        PROVIDER_SECRET_ENV: PROVIDER_SECRET,
+    }
+
+
+def started(port: int, env: dict[str, str]):
+    web = start_web(port, **env)
+    wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
+    return web
+
+
+def journals(tmp_path: Path) -> dict[str, str]:
+    return {path.name: path.read_text() for path in (tmp_path / "data" / "journal").glob("*.journal")}
+
+
+def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(live, provider_key, make_key, tmp_path):
+    env = crash_env(live, tmp_path)
+    key = make_key(max_calls=5)
+    port = free_port()
+    web = started(port, env)
+    try:
+        reply = requests.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+        job_id = reply.headers["X-Request-Id"]
+        assert Job.objects.get(id=job_id).status == Job.Status.RUNNING  # answered, not yet written
+        left = [name for name, text in journals(tmp_path).items() if job_id in text]
+        assert len(left) == 1  # ...but in its process's journal
+    finally:
+        os.killpg(web.pid, signal.SIGKILL)  # no exit handler writes it now
+        web.wait(10)
+    assert Job.objects.get(id=job_id).status == Job.Status.RUNNING
+
+    web = started(free_port(), env)  # the next web process on this host
+    try:
+        wait_until(lambda: Job.objects.get(id=job_id).status == Job.Status.SUCCEEDED, 20, "the record to be written")
+        assert left[0] not in journals(tmp_path)  # the dead process's journal is gone
+    finally:
+        processes.stop(web)
+    job = Job.objects.get(id=job_id)
+    assert (job.prompt_tokens, job.completion_tokens, job.output) == (3, 3, "one two three")
+    assert float(job.cost_usd) == pytest.approx((3 * 1.0 + 3 * 2.0) / 1_000_000)
+    row = key_row(key)
+    assert (row.calls_used, row.tokens_used) == (1, 6)  # its reservation settled to what it used, once
+    assert UsageDay.objects.get(api_key=row).succeeded == 1
+
+
+def test_a_web_process_stopped_gracefully_writes_what_it_answered(live, provider_key, make_key, tmp_path):
+    env = crash_env(live, tmp_path)
+    key = make_key(max_calls=5)
+    port = free_port()
+    web = started(port, env)
+    try:
+        reply = requests.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+    finally:
+        processes.stop(web)  # SIGTERM: each worker writes its journal before it exits
+    job = Job.objects.get(id=reply.headers["X-Request-Id"])
+    assert (job.status, job.prompt_tokens, job.completion_tokens) == (Job.Status.SUCCEEDED, 3, 3)
+    assert journals(tmp_path) == {}

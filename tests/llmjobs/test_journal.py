@@ -1,0 +1,123 @@
+"""Write-behind finishes (`llmjobs.journal`), in-process on the real database: a line
+is in the file before anything else happens, the writer writes it and empties the
+file, a batch that failed is kept and tried again, a dead process's journal is
+written by the next one (and only a dead one's), and writing a line twice changes
+nothing. The crash itself, a web process killed between answer and write, is
+tests/gateway/test_write_behind.py."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from apikeys.models import ApiKey
+from llmjobs import admission, journal, lifecycle
+from llmjobs.models import Job, UsageDay
+from tests.helpers import CheckedChat, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REQUEST = CheckedChat(reserve_tokens=20, input_text="twelve chars")
+
+
+def running_job(api_key: ApiKey) -> Job:
+    return admission.create_job(api_key.id, "far", REQUEST, backend="prov", status=Job.Status.RUNNING)
+
+
+def entry(job: Job, prompt: int = 5, completion: int = 7) -> dict:
+    return {
+        "id": str(job.id),
+        "output": "the answer",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "store_output": True,
+        "cost_usd": 0.0003,
+        "finished_at": "2026-12-02T10:00:00+00:00",
+    }
+
+
+class Recorder:
+    """A writer that keeps what it was given, and fails while `failing` is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict]] = []
+        self.failing = threading.Event()
+
+    def __call__(self, batch: list[dict]) -> None:
+        if self.failing.is_set():
+            raise RuntimeError("the database is away")
+        self.batches.append(list(batch))
+
+
+def test_a_line_is_in_the_file_until_it_is_written_then_the_file_is_emptied(tmp_path):
+    writer = Recorder()
+    writer.failing.set()
+    book = journal.Journal(tmp_path, writer)
+    try:
+        book.record({"id": "one"})
+        book.record({"id": "two"})
+        lines = [json.loads(line) for line in book.path.read_text().splitlines()]
+        assert [line["id"] for line in lines] == ["one", "two"]  # in the file before any write
+        writer.failing.clear()  # the batch failed; the retry writes it
+        wait_until(lambda: writer.batches and book.path.stat().st_size == 0, 10, "the batch to be written")
+        assert [e["id"] for batch in writer.batches for e in batch] == ["one", "two"]
+    finally:
+        book.close()
+    assert not book.path.exists()  # a clean exit leaves nothing
+
+
+def test_only_a_dead_process_journal_is_recovered_and_a_torn_last_line_is_no_entry(tmp_path):
+    alive = tmp_path / "1-1.journal"
+    alive.write_text('{"id": "alive"}\n')
+    holder = os.open(alive, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # its process holds it: it lives
+    dead = tmp_path / "2-2.journal"
+    dead.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "outp')  # killed mid-line
+    writer = Recorder()
+    try:
+        assert journal.recover(tmp_path, writer) == 2
+    finally:
+        os.close(holder)
+    assert [[e["id"] for e in batch] for batch in writer.batches] == [["a", "b"]]
+    assert alive.exists() and not dead.exists()
+
+
+def test_writing_a_finish_twice_changes_nothing():
+    api_key, _ = ApiKey.objects.issue(name="twice")
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=admission.reservation(REQUEST))
+    job = running_job(api_key)
+    line = entry(job)
+    lifecycle.write_finishes([line])
+    lifecycle.write_finishes([line])  # a crash between the commit and the file's truncation
+    row = Job.objects.get(id=job.id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens, row.output) == ("succeeded", 5, 7, "the answer")
+    assert row.finished_at.isoformat() == "2026-12-02T10:00:00+00:00"  # when it was answered
+    api_key.refresh_from_db()
+    assert api_key.tokens_used == 12  # settled once
+    assert UsageDay.objects.get(api_key=api_key).succeeded == 1
+
+
+def test_a_batch_writes_every_job_and_skips_one_ended_meanwhile():
+    api_key, _ = ApiKey.objects.issue(name="batch")
+    jobs = [running_job(api_key) for _ in range(3)]
+    lifecycle.fail(jobs[1].id, "upstream_error", "it failed first")
+    lifecycle.write_finishes([entry(job) for job in jobs])
+    statuses = [Job.objects.get(id=job.id).status for job in jobs]
+    assert statuses == ["succeeded", "failed", "succeeded"]
+    assert UsageDay.objects.get(api_key=api_key).succeeded == 2
+
+
+def test_the_journal_of_this_process_is_written_by_its_writer(settings, tmp_path: Path):
+    api_key, _ = ApiKey.objects.issue(name="writer")
+    job = running_job(api_key)
+    book = journal.Journal(tmp_path, lifecycle.write_finishes)
+    try:
+        book.record(entry(job))
+        wait_until(lambda: Job.objects.get(id=job.id).status == "succeeded", 10, "the writer to write the job")
+    finally:
+        book.close()
