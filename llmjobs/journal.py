@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,12 @@ def read_entries(path: Path) -> Iterable[Entry]:
 
 
 def release_connection() -> None:
-    """The writer's database connection goes back (to the pool) between batches."""
-    with contextlib.suppress(Exception):
-        connections.close_all()
+    """The writer's PostgreSQL connection goes back to the pool between batches (a
+    SQLite one stays open: opening it again costs more than a batch)."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 _journal: Journal | None = None

@@ -373,6 +373,34 @@ def record_finish(
     settling path also ends the job), so marking it settled here is the once-only
     claim: the ended job, or None. `store_output` False keeps bulky outputs (embedding
     vectors) out of the table."""
+    done = success(job_id, output, prompt_tokens, completion_tokens, store_output, cost_usd, device, finished_at)
+    row = oneround.finish(done.params, done.used, done.counts) if oneround.available() else None
+    return EndedJob(*row) if row is not None else finish_in_transaction(done)
+
+
+class Success(NamedTuple):
+    """A success's columns, as the finish's statements take them."""
+
+    params: list[Any]  # FINISH_SQL's
+    used: int
+    values: dict[str, Any]
+
+    @property
+    def counts(self) -> rollups.Counts:
+        """What it adds to its day, but its input (the row's, read by the statement)."""
+        return success_counts(self.values, 0)
+
+
+def success(
+    job_id: Any,
+    output: Any,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    store_output: bool = True,
+    cost_usd: float | None = None,
+    device: DeviceUse | None = None,
+    finished_at: datetime | None = None,
+) -> Success:
     store = settings.LLM_CONFIG.server.store_payloads and store_output
     values = {
         "status": Job.Status.SUCCEEDED,
@@ -387,9 +415,7 @@ def record_finish(
         "batch_size": device.batch_size if device else None,
     }
     params = [*rows.params([*values.items(), ("id", job_id)]), Job.Status.QUEUED, Job.Status.RUNNING]
-    used = (prompt_tokens or 0) + (completion_tokens or 0)
-    row = oneround.finish(params, used, success_counts(values, 0)) if oneround.available() else None
-    return EndedJob(*row) if row is not None else finish_in_transaction(params, used, values)
+    return Success(params, (prompt_tokens or 0) + (completion_tokens or 0), values)
 
 
 def success_counts(values: dict[str, Any], input_chars: int) -> rollups.Counts:
@@ -405,10 +431,11 @@ def success_counts(values: dict[str, Any], input_chars: int) -> rollups.Counts:
     )
 
 
-def finish_in_transaction(params: list[Any], used: int, values: dict[str, Any]) -> EndedJob | None:
+def finish_in_transaction(done: Success) -> EndedJob | None:
     """`finish`'s claim, the key's settlement, the job's period budgets (when it has
     them) and its day's rollup, in one transaction; the ended job, or None when it was
     not active."""
+    params, used, values = done
     with transaction.atomic(), connection.cursor() as cursor:
         row = claim_finish(cursor, params)
         if row is None:
@@ -682,6 +709,7 @@ def finish_later(
     the rate limits and metrics are settled now."""
     entry = {
         "id": str(job.id),
+        "key": job.api_key_id,
         "output": text,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -696,22 +724,22 @@ def finish_later(
 
 
 def write_finishes(entries: list[dict[str, Any]]) -> None:
-    """The journal's batch, in one transaction (one commit, one SQLite write lock); a
-    job that ended meanwhile is left as it is. Should the batch fail for anything but
-    the database being away, each entry is tried alone, and one that cannot be
-    written is logged with what it charged and dropped, so that it holds up no other."""
+    """The journal's batch, key by key (so that two writers take the keys' rows in one
+    order): on PostgreSQL in one round trip (`oneround.finish_many`), elsewhere in one
+    transaction (one commit, one SQLite write lock); a job that ended meanwhile is
+    left as it is. Should the batch fail for anything but the database being away, each
+    entry is tried alone, and one that cannot be written is logged with what it charged
+    and dropped, so that it holds up no other."""
+    entries = sorted(entries, key=lambda entry: (entry.get("key") or 0, entry["id"]))
     try:
-        with transaction.atomic():
-            for entry in entries:
-                write_finish(entry)
+        write_batch([success_of(entry) for entry in entries])
     except (OperationalError, InterfaceError):
         raise  # the database is away: the journal keeps the batch and tries again
     except Exception:
         log.exception("a batch of %d finished jobs failed; writing them one by one", len(entries))
         for entry in entries:
             try:
-                with transaction.atomic():
-                    write_finish(entry)
+                write_batch([success_of(entry)])
             except (OperationalError, InterfaceError):
                 raise
             except Exception:
@@ -719,8 +747,24 @@ def write_finishes(entries: list[dict[str, Any]]) -> None:
                 log.exception("finished job %s could not be recorded (%s); dropped", entry.get("id"), charged)
 
 
-def write_finish(entry: dict[str, Any]) -> None:
-    record_finish(
+def write_batch(successes: list[Success]) -> None:
+    if oneround.available():
+        found = oneround.finish_many([(done.params, done.used, done.counts) for done in successes])
+        for done, row in zip(successes, found, strict=True):
+            if row is None:
+                finish_in_transaction(done)  # budgeted (or ended: then it does nothing)
+        return
+    if len(successes) == 1:
+        finish_in_transaction(successes[0])
+        return
+    with transaction.atomic():
+        for done in successes:
+            finish_in_transaction(done)
+
+
+def success_of(entry: dict[str, Any]) -> Success:
+    """A journal line's success."""
+    return success(
         entry["id"],
         entry["output"],
         entry["prompt_tokens"],

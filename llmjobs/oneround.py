@@ -123,14 +123,18 @@ ROLLUP_TABLE = UsageDay._meta.db_table
 ROLLUP_KEY = UsageDay._meta.get_field("api_key").column
 
 
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF; "
+
+
 def finish_sql(with_rollup: bool) -> str:
     """A success's claim (rows.FINISH_SQL, for a job not budgeted), its key's settlement
     (`used - reserved`) and its day's rollup (the day of its created_at in `[limits]
     timezone`, as `rollups.usage_day` reckons it), after the transaction's
-    `synchronous_commit` off (bookkeeping, as `lifecycle.claim_finish` says)."""
+    `synchronous_commit` off (sent before it: bookkeeping, as `lifecycle.claim_finish`
+    says)."""
     claim = rows.FINISH_SQL.replace(" AND status IN (%s, %s)", " AND status IN (%s, %s) AND NOT budgeted")
     sql = (
-        f"SET LOCAL synchronous_commit TO OFF; WITH j AS ({claim}), "
+        f"WITH j AS ({claim}), "
         f"s AS (UPDATE {KEYS} SET tokens_used = tokens_used + (%s - j.tokens_reserved) FROM j "
         f"WHERE {KEYS}.id = j.api_key_id AND j.tokens_reserved <> %s)"
     )
@@ -165,11 +169,35 @@ def finish(claim_params: list[Any], used: int, counts: rollups.Counts) -> tuple 
     if not zone_known(settings.LLM_CONFIG.limits.timezone):
         return None
     with_rollup = settings.LLM_CONFIG.server.usage_rollups
+    params = finish_params(claim_params, used, counts, with_rollup)
+    with connection.cursor() as cursor:
+        cursor.execute(ASYNC_COMMIT + FINISH_SQL[with_rollup], params)
+        cursor.nextset()
+        return cursor.fetchone()
+
+
+def finish_many(successes: list[tuple[list[Any], int, rollups.Counts]]) -> list[tuple | None]:
+    """`finish` for each (claim params, used, counts), all in one round trip: one
+    implicit transaction, whose locks are held for its statements only, not across
+    round trips. Each one's ended row, or None (`finish`)."""
+    if not successes or not zone_known(settings.LLM_CONFIG.limits.timezone):
+        return [None] * len(successes)
+    with_rollup = settings.LLM_CONFIG.server.usage_rollups
+    params: list[Any] = []
+    for claim_params, used, counts in successes:
+        params += finish_params(claim_params, used, counts, with_rollup)
+    with connection.cursor() as cursor:
+        cursor.execute(ASYNC_COMMIT + "; ".join([FINISH_SQL[with_rollup]] * len(successes)), params)
+        found = []
+        for _ in successes:
+            cursor.nextset()
+            found.append(cursor.fetchone())
+        return found
+
+
+def finish_params(claim_params: list[Any], used: int, counts: rollups.Counts, with_rollup: bool) -> list[Any]:
     params = [*claim_params, used, used]
     if with_rollup:
         params.append(settings.LLM_CONFIG.limits.timezone)
         params += [getattr(counts, column) for column in rollups.COLUMNS if column != "input_chars"]
-    with connection.cursor() as cursor:
-        cursor.execute(FINISH_SQL[with_rollup], params)
-        cursor.nextset()
-        return cursor.fetchone()
+    return params

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from apikeys.models import ApiKey
+from apikeys.keys import parse_key
+from apikeys.models import ApiKey, BudgetUse
 from llmjobs import admission, journal, lifecycle
 from llmjobs.models import Job, UsageDay
 from tests.helpers import CheckedChat, wait_until
@@ -102,14 +103,18 @@ def test_writing_a_finish_twice_changes_nothing():
     assert UsageDay.objects.get(api_key=api_key).succeeded == 1
 
 
-def test_a_batch_writes_every_job_and_skips_one_ended_meanwhile():
+def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_meanwhile():
     api_key, _ = ApiKey.objects.issue(name="batch")
+    budgeted_key, plaintext = ApiKey.objects.issue(name="budgeted", budgets={"daily": {"tokens": 1000}})
     jobs = [running_job(api_key) for _ in range(3)]
+    budgeted, _ = admission.admit_job(parse_key(plaintext), "far", REQUEST, backend="prov", status="running")
     lifecycle.fail(jobs[1].id, "upstream_error", "it failed first")
-    lifecycle.write_finishes([entry(job) for job in jobs])
-    statuses = [Job.objects.get(id=job.id).status for job in jobs]
-    assert statuses == ["succeeded", "failed", "succeeded"]
+    lifecycle.write_finishes([entry(job) for job in [*jobs, budgeted]])
+    statuses = [Job.objects.get(id=job.id).status for job in [*jobs, budgeted]]
+    assert statuses == ["succeeded", "failed", "succeeded", "succeeded"]
     assert UsageDay.objects.get(api_key=api_key).succeeded == 2
+    (use,) = BudgetUse.objects.filter(api_key=budgeted_key)
+    assert (use.calls, use.tokens) == (1, 12)  # its reservation replaced by what it used
 
 
 def test_the_journal_of_this_process_is_written_by_its_writer(settings, tmp_path: Path):
