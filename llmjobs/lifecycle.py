@@ -336,44 +336,24 @@ def finish(
     cost_usd: float | None = None,
     device: DeviceUse | None = None,
 ) -> bool:
-    """Record success, settle the key's tokens and count the job's day (`record_finish`),
+    """Record success, settle the key's tokens and count the job's day (`record_success`),
     then its rate limits and metrics; False when the job had ended already."""
-    used = (prompt_tokens or 0) + (completion_tokens or 0)
-    job = record_finish(
-        job_id,
-        output,
-        prompt_tokens,
-        completion_tokens,
-        store_output=store_output,
-        cost_usd=cost_usd,
-        device=device,
-    )
+    done = success(job_id, output, prompt_tokens, completion_tokens, store_output, cost_usd, device)
+    job = record_success(done)
     if job is None:
         return False
-    settle_rate_limits(job_id, job, used, release=True)
+    settle_rate_limits(job_id, job, done.used, release=True)
     count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
     return True
 
 
-def record_finish(
-    job_id: Any,
-    output: Any,
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-    *,
-    store_output: bool = True,
-    cost_usd: float | None = None,
-    device: DeviceUse | None = None,
-    finished_at: datetime | None = None,
-) -> EndedJob | None:
+def record_success(done: Success) -> EndedJob | None:
     """A success in the database (every call pays this): the job's conditional
     UPDATE ... RETURNING, the key's increment and the rollup's UPSERT, in one statement
     on PostgreSQL (`llmjobs.oneround`) for a job without period budgets, else in one
     transaction that settles those too. An active job has never been settled (every
     settling path also ends the job), so marking it settled here is the once-only
-    claim: the ended job, or None. `store_output` False keeps bulky outputs (embedding
-    vectors) out of the table."""
-    done = success(job_id, output, prompt_tokens, completion_tokens, store_output, cost_usd, device, finished_at)
+    claim: the ended job, or None."""
     row = oneround.finish(done.params, done.used, done.counts) if oneround.available() else None
     return EndedJob(*row) if row is not None else finish_in_transaction(done)
 
@@ -401,6 +381,8 @@ def success(
     device: DeviceUse | None = None,
     finished_at: datetime | None = None,
 ) -> Success:
+    """A success's columns; `store_output` False keeps bulky outputs (embedding
+    vectors) out of the table."""
     store = settings.LLM_CONFIG.server.store_payloads and store_output
     values = {
         "status": Job.Status.SUCCEEDED,

@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from apikeys.keys import PresentedKey
 from apikeys.models import BUDGET_PERIODS, BUDGETS, ApiKey
-from apikeys.services import ConsumedCall
+from apikeys.services import CONSUME_SQL, ConsumedCall
 from llmjobs import rollups, rows
 from llmjobs.models import Job, UsageDay
 
@@ -41,21 +41,16 @@ KEYS = ApiKey._meta.db_table
 JOBS = Job._meta.db_table
 NO_OBJECT = "('{}'::jsonb, 'null'::jsonb)"
 NO_LIST = "('[]'::jsonb, 'null'::jsonb)"
-# A key's UPDATE, CONSUME_SQL's conditions and those that say it needs nothing more.
-TAKE_SQL = f"""
-UPDATE {KEYS}
-   SET calls_used = calls_used + 1, tokens_used = tokens_used + %s, last_used_at = %s
- WHERE prefix = %s AND secret_hash = %s AND revoked_at IS NULL
-   AND (valid_from IS NULL OR valid_from <= %s)
-   AND (valid_until IS NULL OR valid_until > %s)
-   AND (max_calls IS NULL OR calls_used < max_calls)
-   AND (max_tokens_total IS NULL OR tokens_used + %s <= max_tokens_total)
-   AND rpm IS NULL AND tpm IS NULL AND max_parallel IS NULL
+# A key's UPDATE: CONSUME_SQL's, with the conditions that say it needs nothing more.
+TAKE_SQL = (
+    CONSUME_SQL.split("RETURNING")[0]
+    + f"""   AND rpm IS NULL AND tpm IS NULL AND max_parallel IS NULL
    AND COALESCE(model_limits, 'null'::jsonb) IN {NO_OBJECT}
    AND COALESCE(budgets, 'null'::jsonb) IN {NO_OBJECT}
    AND (COALESCE(allowed_models, 'null'::jsonb) IN {NO_LIST} OR allowed_models ? %s)
 RETURNING id, weight
 """
+)
 JOB_COLUMNS = [column for _name, column in rows.JOB_FIELDS]
 KEY_COLUMN = Job._meta.get_field("api_key").column
 ADMIT_SQL = (

@@ -72,8 +72,8 @@ class ServerConfig(Section):
     # An upstream call's answer is recorded by a background writer, in batches, off the
     # call's path: first appended to this process's journal (in data_dir), so a crash
     # loses nothing (llmjobs.journal). false: each call's record is written before its
-    # answer goes out. wait_ms: how long the writer gathers a batch (0: what came in
-    # while it wrote the last one).
+    # answer goes out. wait_ms: how long the writer gathers a batch (0: only what came
+    # in while it wrote the last one).
     write_behind: bool = True
     write_behind_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
     # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CHAT = {"model": "up-words", "messages": [{"role": "user", "content": "one two three"}]}
 
 
-def crash_env(live, tmp_path: Path) -> dict[str, str]:
+@pytest.fixture
+def env(live, provider_key, tmp_path: Path) -> dict[str, str]:
     """A gateway in front of `live`, with a data dir of its own (so only its own
     processes find its journals) and a writer that waits 10 s before it writes."""
     config = tmp_path / "crash.toml"
@@ -36,29 +37,29 @@ def crash_env(live, tmp_path: Path) -> dict[str, str]:
     }
 
 
-def started(port: int, env: dict[str, str]):
+def started(env: dict[str, str]):
+    port = free_port()
     web = start_web(port, **env)
     wait_for_http(f"http://127.0.0.1:{port}/api/usage/", web)
-    return web
+    return port, web
+
+
+def answered(port: int, key: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply
 
 
 def journals(tmp_path: Path) -> dict[str, str]:
     return {path.name: path.read_text() for path in (tmp_path / "data" / "journal").glob("*.journal")}
 
 
-def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(live, provider_key, make_key, tmp_path):
-    env = crash_env(live, tmp_path)
-    key = make_key(max_calls=5)
-    port = free_port()
-    web = started(port, env)
+def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(env, make_key, tmp_path):
+    port, web = started(env)
     try:
-        reply = requests.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            json=CHAT,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
-        )
-        assert reply.status_code == 200, reply.text
+        key = make_key(max_calls=5)
+        reply = answered(port, key)
         assert reply.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
         job_id = reply.headers["X-Request-Id"]
         assert Job.objects.get(id=job_id).status == Job.Status.RUNNING  # answered, not yet written
@@ -69,7 +70,7 @@ def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(live
         web.wait(10)
     assert Job.objects.get(id=job_id).status == Job.Status.RUNNING
 
-    web = started(free_port(), env)  # the next web process on this host
+    _port, web = started(env)  # the next web process on this host
     try:
         wait_until(lambda: Job.objects.get(id=job_id).status == Job.Status.SUCCEEDED, 20, "the record to be written")
         assert left[0] not in journals(tmp_path)  # the dead process's journal is gone
@@ -83,19 +84,10 @@ def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(live
     assert UsageDay.objects.get(api_key=row).succeeded == 1
 
 
-def test_a_web_process_stopped_gracefully_writes_what_it_answered(live, provider_key, make_key, tmp_path):
-    env = crash_env(live, tmp_path)
-    key = make_key(max_calls=5)
-    port = free_port()
-    web = started(port, env)
+def test_a_web_process_stopped_gracefully_writes_what_it_answered(env, make_key, tmp_path):
+    port, web = started(env)
     try:
-        reply = requests.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            json=CHAT,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
-        )
-        assert reply.status_code == 200, reply.text
+        reply = answered(port, make_key(max_calls=5))
     finally:
         processes.stop(web)  # SIGTERM: each worker writes its journal before it exits
     job = Job.objects.get(id=reply.headers["X-Request-Id"])

@@ -49,6 +49,12 @@ def admitted(presented, model: str = "echo") -> tuple[Job, list[dict]]:
     return job, queries.captured_queries
 
 
+def refusal(presented, model: str = "echo") -> ApiError:
+    with pytest.raises(ApiError) as refused:
+        admitted(presented, model)
+    return refused.value
+
+
 def finished(job: Job) -> list[dict]:
     if connection.vendor == "postgresql":
         oneround.zone_known(settings.LLM_CONFIG.limits.timezone)  # read once a process
@@ -116,18 +122,14 @@ def test_the_one_statement_finish_counts_the_day_in_the_configured_zone(monkeypa
 def test_a_key_with_its_own_limits_is_held_to_them():
     _limited, presented = issued(rpm=1)
     admitted(presented)
-    with pytest.raises(ApiError) as refused:
-        admitted(presented)
-    assert refused.value.code == "rate_limit_exceeded"
+    assert refusal(presented).code == "rate_limit_exceeded"
     if connection.vendor == "postgresql":
         assert presented.prefix in oneround.full_path_until  # its next calls skip the one-statement try
 
 
 def test_a_model_the_key_may_not_use_is_refused_and_nothing_is_written():
     api_key, presented = issued(allowed_models=["other"])
-    with pytest.raises(ApiError) as refused:
-        admitted(presented, model="echo")
-    assert refused.value.code == "model_not_allowed"
+    assert refusal(presented, model="echo").code == "model_not_allowed"
     api_key.refresh_from_db()
     assert (api_key.calls_used, api_key.tokens_used, Job.objects.count()) == (0, 0, 0)
     job, _ = admitted(presented, model="other")  # a model on its list passes
@@ -137,9 +139,7 @@ def test_a_model_the_key_may_not_use_is_refused_and_nothing_is_written():
 def test_a_spent_quota_refuses_with_its_reason_and_writes_nothing():
     api_key, presented = issued(max_calls=1)
     admitted(presented)
-    with pytest.raises(ApiError) as refused:
-        admitted(presented)
-    assert refused.value.code == "quota_exhausted"
+    assert refusal(presented).code == "quota_exhausted"
     assert Job.objects.filter(api_key=api_key).count() == 1
 
 
