@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from django.conf import settings
+from urllib3 import HTTPHeaderDict
 from urllib3 import exceptions as http_errors
 
 from djangollmapi.errors import ApiError
@@ -95,6 +96,8 @@ def provider(name: str) -> Provider:
         upstream.base_url,
         maxsize=upstream.max_connections,
         block=True,  # a full pool waits (`timeout_s`), then answers 503 upstream_busy
+        # The body is sent under the connect timeout (urllib3 has no write timeout of its
+        # own; a body is at most max_body_bytes), the answer read under timeout_s.
         timeout=urllib3.Timeout(connect=upstream.connect_timeout_s, read=upstream.timeout_s),
         retries=False,
         # Uncompressed, so the bytes we count are the bytes we hold (no gzip bomb);
@@ -148,12 +151,15 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
         )
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
+    sent = HTTPHeaderDict(target.pool.headers)  # the config's, then ours, by name whatever its case
+    for name, value in headers.items():
+        sent[name] = value
     try:
         raw = target.pool.urlopen(
             "POST",
             target.path + PATHS[kind],
             body=body_bytes(body),
-            headers={**target.pool.headers, **headers},
+            headers=sent,
             retries=False,
             redirect=False,
             preload_content=False,
@@ -172,6 +178,8 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
     except http_errors.TimeoutError:
         raise too_slow(route) from None
     except (http_errors.HTTPError, OSError) as exc:
+        if timed_out(exc):  # the body could not be sent in time
+            raise too_slow(route) from None
         # It took the connection, then dropped or garbled it before a status line.
         log.warning("upstream %s failed: %s", route.provider, type(exc).__name__)
         raise UpstreamFailure(
@@ -184,6 +192,11 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
         finally:
             response.close()
     return response
+
+
+def timed_out(exc: BaseException) -> bool:
+    """A socket timeout, bare or wrapped in urllib3's ProtocolError."""
+    return isinstance(exc, TimeoutError) or any(isinstance(arg, TimeoutError) for arg in getattr(exc, "args", ()))
 
 
 def unreachable(route: UpstreamRoute) -> UpstreamFailure:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 RECOVER_EVERY_S = 30.0
 RETRY_AFTER_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # after a batch failed (the database down)
+MAX_BATCH = 200  # lines a batch writes at most: one query, its locks held that long
 SUFFIX = ".journal"
 
 Entry = dict[str, Any]
@@ -53,9 +54,12 @@ class Journal:
     def __init__(self, directory: Path, write: Writer, wait_s: float = 0.0) -> None:
         self.directory, self.write, self.wait_s = directory, write, wait_s
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{os.getpid()}-{time.time_ns()}{SUFFIX}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        name = f"{os.getpid()}-{time.time_ns()}"
+        self.path = directory / f"{name}{SUFFIX}"
+        making = directory / f"{name}.new"  # no recovery looks at it before it is locked
+        self.fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # held for the process's life: it is alive
+        os.rename(making, self.path)
         self.pending: list[Entry] = []
         self.writing = 0  # lines taken by the writer, not yet committed
         self.changed = threading.Condition()
@@ -63,40 +67,61 @@ class Journal:
         self.thread = threading.Thread(target=self.write_forever, name="dla-journal", daemon=True)
         self.thread.start()
 
-    def record(self, entry: Entry) -> None:
-        """Append the entry to the file, then hand it to the writer."""
+    def record(self, entry: Entry) -> bool:
+        """Append the entry to the file, then hand it to the writer; False when it
+        cannot (the journal is closing, its writer died, the disk refused the line):
+        the caller then writes the record itself."""
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         with self.changed:
-            os.write(self.fd, line)
+            if self.closed or not self.thread.is_alive():
+                return False
+            try:
+                os.write(self.fd, line)
+            except OSError as exc:
+                log.error("the journal %s refused a line (%s); writing the record at once", self.path, exc)
+                return False
             self.pending.append(entry)
             self.changed.notify()
+            return True
 
     def write_forever(self) -> None:
-        recovered_at = 0.0
         failures = 0
+        self.recovered_at = 0.0
         while True:
-            if time.monotonic() - recovered_at > RECOVER_EVERY_S:
-                recovered_at = time.monotonic()
-                recover(self.directory, self.write, own=self.path)
-            with self.changed:
-                if not self.pending and not self.stopping:
-                    self.changed.wait(timeout=RECOVER_EVERY_S)
-                if self.stopping and not self.pending:
-                    return
-            if self.wait_s:
-                with self.changed:  # a batch gathers; a stop cuts the wait short
-                    self.changed.wait_for(lambda: self.stopping, timeout=self.wait_s)
-            if self.write_pending():
-                failures = 0
-            else:
+            try:
+                if self.write_once():
+                    failures = 0
+                else:
+                    failures += 1
+            except Exception:  # the writer must outlive any one failure, or lines wait for ever
+                log.exception("the journal writer of %s hit an error; going on", self.path)
                 failures += 1
+            if self.stopping and not self.pending:
+                return
+            if failures:
                 time.sleep(RETRY_AFTER_S[min(failures, len(RETRY_AFTER_S)) - 1])
+
+    def write_once(self) -> bool:
+        """Recover dead processes' journals when it is time, wait for lines (and for a
+        batch to gather), write them; False when a batch could not be written."""
+        if time.monotonic() - self.recovered_at > RECOVER_EVERY_S:
+            self.recovered_at = time.monotonic()
+            recover(self.directory, self.write, own=self.path)
+        with self.changed:
+            if not self.pending and not self.stopping:
+                self.changed.wait(timeout=RECOVER_EVERY_S)
+            if not self.pending:
+                return True
+        if self.wait_s:
+            with self.changed:  # a batch gathers; a stop cuts the wait short
+                self.changed.wait_for(lambda: self.stopping, timeout=self.wait_s)
+        return self.write_pending()
 
     def write_pending(self) -> bool:
         """Write what is pending in one batch; True when it was written (or there was
         nothing). The file is emptied once nothing in it is left unwritten."""
         with self.changed:
-            batch, self.pending = self.pending, []
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             self.writing = len(batch)
         if not batch:
             return True
@@ -131,15 +156,13 @@ class Journal:
             self.stopping = self.closed = True
             self.changed.notify()
         self.thread.join(timeout=30)
-        if self.thread.is_alive():
-            log.error("the journal writer did not finish; %s is left for the next process", self.path)
-            return
         with self.changed:
-            left = bool(self.pending) or self.writing
-        if not left:
-            os.close(self.fd)
+            if self.thread.is_alive() or self.pending or self.writing:
+                log.error("the journal writer did not finish; %s is left for the next process", self.path)
+                return
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            os.close(self.fd)
 
 
 def recover(directory: Path, write: Writer, own: Path | None = None) -> int:
@@ -161,8 +184,9 @@ def recover(directory: Path, write: Writer, own: Path | None = None) -> int:
             if not path.exists():
                 continue  # taken and deleted meanwhile
             entries = list(read_entries(path))
+            for start in range(0, len(entries), MAX_BATCH):
+                write(entries[start : start + MAX_BATCH])
             if entries:
-                write(entries)
                 log.warning("wrote %d finished jobs from %s, left by a process that died", len(entries), path.name)
             path.unlink()
             written += len(entries)

@@ -380,6 +380,7 @@ def success(
     cost_usd: float | None = None,
     device: DeviceUse | None = None,
     finished_at: datetime | None = None,
+    output_chars: int | None = None,
 ) -> Success:
     """A success's columns; `store_output` False keeps bulky outputs (embedding
     vectors) out of the table."""
@@ -388,7 +389,9 @@ def success(
         "status": Job.Status.SUCCEEDED,
         "finished_at": finished_at or (device.ended_at if device else timezone.now()),
         "output": storable_copy(output) if store else None,
-        "output_chars": len(output) if isinstance(output, str) else len(str(output)),
+        "output_chars": output_chars
+        if output_chars is not None
+        else len(output if isinstance(output, str) else str(output)),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cost_usd": None if cost_usd is None else Decimal(str(round(cost_usd, 8))),
@@ -413,13 +416,13 @@ def success_counts(values: dict[str, Any], input_chars: int) -> rollups.Counts:
     )
 
 
-def finish_in_transaction(done: Success) -> EndedJob | None:
+def finish_in_transaction(done: Success, durable: bool = False) -> EndedJob | None:
     """`finish`'s claim, the key's settlement, the job's period budgets (when it has
     them) and its day's rollup, in one transaction; the ended job, or None when it was
-    not active."""
+    not active. `durable`: its commit waits for the disk (`claim_finish`)."""
     params, used, values = done
     with transaction.atomic(), connection.cursor() as cursor:
-        row = claim_finish(cursor, params)
+        row = claim_finish(cursor, params, durable)
         if row is None:
             return None
         job = EndedJob(*row)
@@ -435,13 +438,14 @@ def finish_in_transaction(done: Success) -> EndedJob | None:
     return job
 
 
-def claim_finish(cursor: Any, params: list[Any]) -> tuple | None:
+def claim_finish(cursor: Any, params: list[Any], durable: bool = False) -> tuple | None:
     """The once-only claim of a job's success: its conditional UPDATE ... RETURNING, the
     ended row or None. On PostgreSQL it goes in one round trip with the transaction's
     `synchronous_commit` off: bookkeeping, not the quota, so a database crash may lose
     the last instants of finished jobs' records (they stay `running`), and no call
-    waits for a disk flush."""
-    if connection.vendor != "postgresql":
+    waits for a disk flush. Not when `durable`: a journal's lines, deleted once
+    written, must be on disk first."""
+    if connection.vendor != "postgresql" or durable:
         cursor.execute(rows.FINISH_SQL, params)
         return cursor.fetchone()
     cursor.execute(ASYNC_COMMIT + rows.FINISH_SQL, params)
@@ -689,20 +693,31 @@ def finish_later(
     """`finish`, write-behind (`llmjobs.journal`): the record goes to this process's
     journal before the answer goes out, and into the database with the next batch;
     the rate limits and metrics are settled now."""
-    entry = {
-        "id": str(job.id),
-        "key": job.api_key_id,
-        "output": text,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "store_output": store_output,
-        "cost_usd": cost_usd,
-        "finished_at": timezone.now().isoformat(),
-    }
-    journal.journal(write_finishes).record(entry)
+    entry = journal_entry(job, text, prompt_tokens, completion_tokens, store_output, cost_usd)
+    if not journal.journal(write_finishes).record(entry):
+        finish(job.id, text, prompt_tokens, completion_tokens, store_output=store_output, cost_usd=cost_usd)
+        return
     ended = EndedJob(*(getattr(job, name) for name in EndedJob._fields))
     settle_rate_limits(job.id, ended, prompt_tokens + completion_tokens, release=True)
     count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
+
+
+def journal_entry(
+    job: Job, text: str, prompt_tokens: int, completion_tokens: int, store_output: bool, cost_usd: float | None
+) -> dict[str, Any]:
+    """A success as its journal line: no answer on disk that the row would not keep."""
+    stored = store_output and settings.LLM_CONFIG.server.store_payloads
+    return {
+        "id": str(job.id),
+        "key": job.api_key_id,
+        "output": text if stored else "",
+        "output_chars": len(text),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "store_output": stored,
+        "cost_usd": cost_usd,
+        "finished_at": timezone.now().isoformat(),
+    }
 
 
 def write_finishes(entries: list[dict[str, Any]]) -> None:
@@ -731,17 +746,17 @@ def write_finishes(entries: list[dict[str, Any]]) -> None:
 
 def write_batch(successes: list[Success]) -> None:
     if oneround.available():
-        found = oneround.finish_many([(done.params, done.used, done.counts) for done in successes])
+        found = oneround.finish_many([(done.params, done.used, done.counts) for done in successes], durable=True)
         for done, row in zip(successes, found, strict=True):
             if row is None:
-                finish_in_transaction(done)  # budgeted (or ended: then it does nothing)
+                finish_in_transaction(done, durable=True)  # budgeted (or ended: then it does nothing)
         return
     if len(successes) == 1:
-        finish_in_transaction(successes[0])
+        finish_in_transaction(successes[0], durable=True)
         return
     with transaction.atomic():
         for done in successes:
-            finish_in_transaction(done)
+            finish_in_transaction(done, durable=True)
 
 
 def success_of(entry: dict[str, Any]) -> Success:
@@ -754,6 +769,7 @@ def success_of(entry: dict[str, Any]) -> Success:
         store_output=entry["store_output"],
         cost_usd=entry["cost_usd"],
         finished_at=datetime.fromisoformat(entry["finished_at"]),
+        output_chars=entry.get("output_chars"),
     )
 
 

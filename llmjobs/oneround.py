@@ -18,7 +18,8 @@ they check and write is exactly what the transactional path (`llmjobs.admission`
   the transactional path).
 
 The statements keep the transactional path's lock order (key then job at admission;
-job, key, rollup at the finish), so neither can deadlock the other.
+job, key, rollup at the finish: the rollup's UPSERT reads the key's UPDATE, which
+makes PostgreSQL run that first), so neither can deadlock the other.
 """
 
 from __future__ import annotations
@@ -131,14 +132,17 @@ def finish_sql(with_rollup: bool) -> str:
     sql = (
         f"WITH j AS ({claim}), "
         f"s AS (UPDATE {KEYS} SET tokens_used = tokens_used + (%s - j.tokens_reserved) FROM j "
-        f"WHERE {KEYS}.id = j.api_key_id AND j.tokens_reserved <> %s)"
+        f"WHERE {KEYS}.id = j.api_key_id AND j.tokens_reserved <> %s RETURNING {KEYS}.id)"
     )
     if with_rollup:
         values = ", ".join("j.input_chars" if column == "input_chars" else "%s" for column in rollups.COLUMNS)
         sql += (
             f", r AS (INSERT INTO {ROLLUP_TABLE} (day, {ROLLUP_KEY}, model, {', '.join(rollups.COLUMNS)})"
-            f" SELECT (j.created_at AT TIME ZONE %s)::date, j.api_key_id, j.model, {values} FROM j"
-            f" WHERE j.api_key_id IS NOT NULL ON CONFLICT (day, {ROLLUP_KEY}, model) DO UPDATE SET "
+            f" SELECT (j.created_at AT TIME ZONE %s)::date, j.api_key_id, j.model, {values}"
+            # Reading `s` runs the key's UPDATE first: the rollup row is locked after
+            # the key's, in the order of every other ending (lifecycle.fail, ...).
+            f" FROM j LEFT JOIN s ON true WHERE j.api_key_id IS NOT NULL"
+            f" ON CONFLICT (day, {ROLLUP_KEY}, model) DO UPDATE SET "
             + ", ".join(f"{column} = {ROLLUP_TABLE}.{column} + excluded.{column}" for column in rollups.COLUMNS)
             + ")"
         )
@@ -157,21 +161,15 @@ def zone_known(name: str) -> bool:
 FINISH_SQL = {True: finish_sql(True), False: finish_sql(False)}
 
 
-def finish(claim_params: list[Any], used: int, counts: rollups.Counts) -> tuple | None:
+def finish(claim_params: list[Any], used: int, counts: rollups.Counts, durable: bool = False) -> tuple | None:
     """The job's success, settlement and rollup in one round trip: its ended row, or
     None when it is not active or is budgeted (the caller's transactional path then
-    finds out which, and settles a budgeted job's periods)."""
-    if not zone_known(settings.LLM_CONFIG.limits.timezone):
-        return None
-    with_rollup = settings.LLM_CONFIG.server.usage_rollups
-    params = finish_params(claim_params, used, counts, with_rollup)
-    with connection.cursor() as cursor:
-        cursor.execute(ASYNC_COMMIT + FINISH_SQL[with_rollup], params)
-        cursor.nextset()
-        return cursor.fetchone()
+    finds out which, and settles a budgeted job's periods). Committed without waiting
+    for the disk unless `durable` (a journal's line, which is deleted once written)."""
+    return finish_many([(claim_params, used, counts)], durable)[0]
 
 
-def finish_many(successes: list[tuple[list[Any], int, rollups.Counts]]) -> list[tuple | None]:
+def finish_many(successes: list[tuple[list[Any], int, rollups.Counts]], durable: bool = True) -> list[tuple | None]:
     """`finish` for each (claim params, used, counts), all in one round trip: one
     implicit transaction, whose locks are held for its statements only, not across
     round trips. Each one's ended row, or None (`finish`)."""
@@ -181,10 +179,15 @@ def finish_many(successes: list[tuple[list[Any], int, rollups.Counts]]) -> list[
     params: list[Any] = []
     for claim_params, used, counts in successes:
         params += finish_params(claim_params, used, counts, with_rollup)
+    statements = "; ".join([FINISH_SQL[with_rollup]] * len(successes))
     with connection.cursor() as cursor:
-        cursor.execute(ASYNC_COMMIT + "; ".join([FINISH_SQL[with_rollup]] * len(successes)), params)
-        found = []
-        for _ in successes:
+        if durable:
+            cursor.execute(statements, params)
+        else:
+            cursor.execute(ASYNC_COMMIT + statements, params)
+            cursor.nextset()
+        found = [cursor.fetchone()]
+        for _ in successes[1:]:
             cursor.nextset()
             found.append(cursor.fetchone())
         return found

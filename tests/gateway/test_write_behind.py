@@ -1,8 +1,9 @@
 """A crash between an answer and its record loses nothing (`llmjobs.journal`): a web
 process whose writer waits 10 s before each batch answers a call, is killed (SIGKILL,
 no exit handler runs) while the record is only in its journal, and the next web
-process on the host writes it at its start: the job ends `succeeded` with the tokens
-and cost the client was told, charged once to its key and its day."""
+process on the host writes it at its start (with write-behind on or off): the job ends
+`succeeded` with the tokens and cost the client was told, charged once to its key and
+its day."""
 
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ CHAT = {"model": "up-words", "messages": [{"role": "user", "content": "one two t
 def env(live, provider_key, tmp_path: Path) -> dict[str, str]:
     """A gateway in front of `live`, with a data dir of its own (so only its own
     processes find its journals) and a writer that waits 10 s before it writes."""
-    config = tmp_path / "crash.toml"
+    return gateway_env(live, tmp_path, "write_behind_wait_ms = 10000")
+
+
+def gateway_env(live, tmp_path: Path, server_line: str) -> dict[str, str]:
+    config = tmp_path / f"gateway-{abs(hash(server_line))}.toml"
     text = gateway_config(live.url, down_port=free_port(), mortal_port=free_port(), bad_port=free_port())
-    config.write_text(text.replace("[server]\n", "[server]\nwrite_behind_wait_ms = 10000\n", 1))
+    config.write_text(text.replace("[server]\n", f"[server]\n{server_line}\n", 1))
     return {
         "DJANGO_LLM_API_CONFIG": str(config),
         "DJANGO_LLM_API_DATA_DIR": str(tmp_path / "data"),
@@ -55,7 +60,8 @@ def journals(tmp_path: Path) -> dict[str, str]:
     return {path.name: path.read_text() for path in (tmp_path / "data" / "journal").glob("*.journal")}
 
 
-def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(env, make_key, tmp_path):
+@pytest.mark.parametrize("next_one", ["write_behind = true", "write_behind = false"])
+def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(live, env, make_key, tmp_path, next_one):
     port, web = started(env)
     try:
         key = make_key(max_calls=5)
@@ -70,7 +76,7 @@ def test_a_web_process_killed_after_answering_leaves_its_record_to_the_next(env,
         web.wait(10)
     assert Job.objects.get(id=job_id).status == Job.Status.RUNNING
 
-    _port, web = started(env)  # the next web process on this host
+    _port, web = started(gateway_env(live, tmp_path, next_one))  # the next web process on this host
     try:
         wait_until(lambda: Job.objects.get(id=job_id).status == Job.Status.SUCCEEDED, 20, "the record to be written")
         assert left[0] not in journals(tmp_path)  # the dead process's journal is gone

@@ -126,3 +126,37 @@ def test_the_journal_of_this_process_is_written_by_its_writer(settings, tmp_path
         wait_until(lambda: Job.objects.get(id=job.id).status == "succeeded", 10, "the writer to write the job")
     finally:
         book.close()
+
+
+def test_a_closed_journal_takes_no_line_and_its_caller_writes_the_record_itself(tmp_path):
+    book = journal.Journal(tmp_path, Recorder())
+    book.close()
+    assert not book.record({"id": "late"})  # a request that answered after the stop began
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backlog_is_written_in_bounded_batches(tmp_path):
+    writer = Recorder()
+    writer.failing.set()  # the database is away while lines pile up
+    book = journal.Journal(tmp_path, writer)
+    try:
+        for number in range(journal.MAX_BATCH * 2 + 50):
+            book.record({"id": str(number)})
+        writer.failing.clear()
+        assert book.drain(20)
+    finally:
+        book.close()
+    sizes = [len(batch) for batch in writer.batches]
+    assert sum(sizes) == journal.MAX_BATCH * 2 + 50 and max(sizes) <= journal.MAX_BATCH
+
+
+def test_an_answer_the_row_would_not_keep_is_not_kept_in_the_journal_either(settings):
+    api_key, _ = ApiKey.objects.issue(name="private")
+    job = running_job(api_key)
+    server = settings.LLM_CONFIG.server.model_copy(update={"store_payloads": False})
+    settings.LLM_CONFIG = settings.LLM_CONFIG.model_copy(update={"server": server})
+    line = lifecycle.journal_entry(job, "a private answer", 3, 4, True, None)
+    assert "a private answer" not in json.dumps(line)
+    lifecycle.write_finishes([line])
+    row = Job.objects.get(id=job.id)
+    assert (row.status, row.output, row.output_chars) == ("succeeded", None, len("a private answer"))

@@ -5,12 +5,13 @@ check still holds."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext, override_settings
 
 from apikeys import budgets
@@ -19,7 +20,7 @@ from apikeys.models import ApiKey, BudgetUse
 from djangollmapi.errors import ApiError
 from llmjobs import admission, lifecycle, oneround
 from llmjobs.models import Job, UsageDay
-from tests.helpers import CheckedChat
+from tests.helpers import CheckedChat, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -151,3 +152,46 @@ def test_a_budgeted_job_settles_its_periods_whichever_path_admitted_it():
     (use,) = BudgetUse.objects.filter(api_key=api_key, period="daily")
     assert (use.calls, use.tokens) == (1, 10)  # the reservation replaced by what it used
     assert Job.objects.get(id=job.id).status == Job.Status.SUCCEEDED
+
+
+@on_postgresql
+def test_the_one_statement_finish_locks_its_key_before_its_rollup():
+    """The order of every other ending (key, then the day's rollup): a finish waiting
+    for its key's row holds no lock on the rollup's, so it cannot deadlock with them."""
+    api_key, presented = issued()
+    finished(admitted(presented)[0])  # the day's rollup row exists
+    job, _ = admitted(presented)
+    key_locked, release, done = threading.Event(), threading.Event(), []
+
+    def hold_the_key() -> None:
+        with transaction.atomic():
+            ApiKey.objects.select_for_update().get(id=api_key.id)
+            key_locked.set()
+            release.wait(10)
+        connection.close()
+
+    def finish_the_job() -> None:
+        done.append(lifecycle.finish(job.id, "late", 1, 1))
+        connection.close()
+
+    holder = threading.Thread(target=hold_the_key)
+    holder.start()
+    assert key_locked.wait(10)
+    finisher = threading.Thread(target=finish_the_job)
+    finisher.start()
+    try:
+        wait_until(lambda: waiting_on_a_lock(), 10, "the finish to wait for the key's row")
+        with transaction.atomic():  # the rollup's row is free meanwhile
+            UsageDay.objects.select_for_update(nowait=True).get(api_key=api_key)
+    finally:
+        release.set()
+        holder.join(10)
+        finisher.join(10)
+    assert done == [True]
+    assert UsageDay.objects.get(api_key=api_key).succeeded == 2
+
+
+def waiting_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        return cursor.fetchone()[0] > 0
