@@ -751,10 +751,11 @@ def write_batch(successes: list[Success]) -> None:
             if row is None:
                 finish_in_transaction(done, durable=True)  # budgeted (or ended: then it does nothing)
         return
-    if len(successes) == 1:
-        finish_in_transaction(successes[0], durable=True)
+    if len(successes) == 1 or connection.vendor == "postgresql":
+        for done in successes:  # each its own transaction: no key's row held across round trips
+            finish_in_transaction(done, durable=True)
         return
-    with transaction.atomic():
+    with transaction.atomic():  # SQLite: one write lock, one commit for the batch
         for done in successes:
             finish_in_transaction(done, durable=True)
 

@@ -17,7 +17,7 @@ import pytest
 
 from apikeys.keys import parse_key
 from apikeys.models import ApiKey, BudgetUse
-from llmjobs import admission, journal, lifecycle
+from llmjobs import admission, journal, lifecycle, oneround
 from llmjobs.models import Job, UsageDay
 from tests.helpers import CheckedChat, wait_until
 
@@ -103,7 +103,10 @@ def test_writing_a_finish_twice_changes_nothing():
     assert UsageDay.objects.get(api_key=api_key).succeeded == 1
 
 
-def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_meanwhile():
+@pytest.mark.parametrize("one_statement", [True, False], ids=["one-statement", "transactional"])
+def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_meanwhile(monkeypatch, one_statement):
+    if not one_statement:  # as with [limits] defaults, or on SQLite
+        monkeypatch.setattr(oneround, "available", lambda: False)
     api_key, _ = ApiKey.objects.issue(name="batch")
     budgeted_key, plaintext = ApiKey.objects.issue(name="budgeted", budgets={"daily": {"tokens": 1000}})
     jobs = [running_job(api_key) for _ in range(3)]
