@@ -79,11 +79,15 @@ CONSUME_ATTEMPTS = 3
 
 
 def try_consume(presented: PresentedKey, reserve_tokens: int, needed: int) -> tuple | None:
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
-    params = [reserve_tokens, now, presented.prefix, presented.secret_hash, now, now, needed]
     with connection.cursor() as cursor:
-        cursor.execute(CONSUME_SQL, params)
+        cursor.execute(CONSUME_SQL, consume_params(presented, reserve_tokens, needed))
         return cursor.fetchone()
+
+
+def consume_params(presented: PresentedKey, reserve_tokens: int, needed: int) -> list:
+    """CONSUME_SQL's parameters, in its order, at this moment."""
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    return [reserve_tokens, now, presented.prefix, presented.secret_hash, now, now, needed]
 
 
 def take_call(presented: PresentedKey, model: str, reserve_tokens: int = 0) -> ConsumedCall:

@@ -61,6 +61,10 @@ class Provider:
     def __init__(self, base_url: str, pool: urllib3.HTTPConnectionPool) -> None:
         self.path = urlsplit(base_url).path.rstrip("/") + "/"
         self.pool = pool
+        # Every call's headers but its secret: the config's, then ours, by name whatever its case.
+        self.headers = HTTPHeaderDict(pool.headers)
+        self.headers["Accept"] = "application/json, text/event-stream"
+        self.headers["Content-Type"] = "application/json"
 
 
 class ProviderResponse:
@@ -139,7 +143,6 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
     (streamed), so both streaming and plain calls start the same way. Any status but
     2xx is raised as an UpstreamFailure after reading the provider's error."""
     target = provider(route.provider)
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     secret = route.upstream.secret()
     if route.upstream.api_key_env and not secret:
         log.error("upstream %s: environment variable %s is not set", route.provider, route.upstream.api_key_env)
@@ -149,11 +152,9 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
             f"The provider {route.provider!r} is not configured on this server.",
             provider_fault=False,
         )
+    sent = target.headers.copy()
     if secret:
-        headers["Authorization"] = f"Bearer {secret}"
-    sent = HTTPHeaderDict(target.pool.headers)  # the config's, then ours, by name whatever its case
-    for name, value in headers.items():
-        sent[name] = value
+        sent["Authorization"] = f"Bearer {secret}"
     try:
         raw = target.pool.urlopen(
             "POST",

@@ -62,7 +62,8 @@ def admit_job(
     one statement where `llmjobs.oneround` can take it (a key with nothing more to
     check), else in one transaction through every check (`admit`). The job, carrying
     its rate-limit headers, and its key's weight (its share of a busy device)."""
-    if oneround.may_admit(presented):
+    tried = oneround.may_admit(presented)
+    if tried:
         job = build_job(
             None,
             model,
@@ -79,7 +80,8 @@ def admit_job(
     with transaction.atomic():
         admitted = admit(presented, model, request, price)
         job = create_admitted_job(admitted, model, request, **fields)
-    oneround.needed_full_path(presented)
+    if tried:  # not again while it is remembered: after a while, it is tried again
+        oneround.needed_full_path(presented)
     return job, admitted.call.weight
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,6 @@ class Journal:
         if not batch:
             return True
         try:
-            close_old_connections()
             self.write(batch)
         except Exception:
             log.exception("writing %d finished jobs failed; they stay in %s and are retried", len(batch), self.path)
@@ -134,8 +132,6 @@ class Journal:
                 self.pending[:0] = batch
                 self.writing = 0
             return False
-        finally:
-            release_connection()
         with self.changed:
             self.writing = 0
             if not self.pending:
@@ -194,7 +190,6 @@ def recover(directory: Path, write: Writer, own: Path | None = None) -> int:
             log.exception("recovering %s failed; it is tried again later", path)
         finally:
             os.close(fd)
-            release_connection()
     return written
 
 
@@ -208,15 +203,6 @@ def read_entries(path: Path) -> Iterable[Entry]:
             yield json.loads(line)
         except ValueError:
             log.error("a line of %s cannot be read; skipped", path.name)
-
-
-def release_connection() -> None:
-    """The writer's PostgreSQL connection goes back to the pool between batches (a
-    SQLite one stays open: opening it again costs more than a batch)."""
-    connection = connections[DEFAULT_DB_ALIAS]
-    if connection.vendor == "postgresql" and not connection.in_atomic_block:
-        with contextlib.suppress(Exception):
-            connection.close()
 
 
 _journal: Journal | None = None
@@ -240,17 +226,21 @@ def journal(write: Writer) -> Journal:
         return _journal
 
 
+def current() -> Journal | None:
+    """This process's journal, if it started one (a forked child has none yet)."""
+    with _journal_lock:
+        return _journal if _journal_pid == os.getpid() else None
+
+
 def drain(timeout_s: float = 10.0) -> bool:
     """Wait until this process's journal has written every line recorded so far (True
     at once when it has none), e.g. before reading what its calls recorded."""
-    with _journal_lock:
-        current = _journal if _journal_pid == os.getpid() else None
-    return current is None or current.drain(timeout_s)
+    book = current()
+    return book is None or book.drain(timeout_s)
 
 
 def close() -> None:
     """Write what this process has pending and stop its writer (a web worker exits)."""
-    with _journal_lock:
-        current = _journal if _journal_pid == os.getpid() else None
-    if current is not None:
-        current.close()
+    book = current()
+    if book is not None:
+        book.close()

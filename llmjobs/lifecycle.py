@@ -66,9 +66,6 @@ CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
 # A provider's refusals that are about our side (its secret, its limits there), not
 # the client's request: refunded like any server-side failure.
 PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
-# Sent before a bookkeeping statement on PostgreSQL, in the same round trip: its commit
-# waits for no disk flush (a crash may lose its last instants, never a charge).
-ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF;"
 
 
 @dataclass(frozen=True)
@@ -289,7 +286,7 @@ def start(job_id: str, worker: str) -> bool:
     params = [*rows.params(values), Job.Status.QUEUED]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(ASYNC_COMMIT + rows.START_SQL, params)
+            cursor.execute(rows.ASYNC_COMMIT + rows.START_SQL, params)
             cursor.nextset()
         else:
             cursor.execute(rows.START_SQL, params)
@@ -448,7 +445,7 @@ def claim_finish(cursor: Any, params: list[Any], durable: bool = False) -> tuple
     if connection.vendor != "postgresql" or durable:
         cursor.execute(rows.FINISH_SQL, params)
         return cursor.fetchone()
-    cursor.execute(ASYNC_COMMIT + rows.FINISH_SQL, params)
+    cursor.execute(rows.ASYNC_COMMIT + rows.FINISH_SQL, params)
     cursor.nextset()
     return cursor.fetchone()
 
@@ -728,6 +725,7 @@ def write_finishes(entries: list[dict[str, Any]]) -> None:
     entry is tried alone, and one that cannot be written is logged with what it charged
     and dropped, so that it holds up no other."""
     entries = sorted(entries, key=lambda entry: (entry.get("key") or 0, entry["id"]))
+    close_old_connections()  # the writer's thread keeps its connection between batches
     try:
         write_batch([success_of(entry) for entry in entries])
     except (OperationalError, InterfaceError):
@@ -742,6 +740,8 @@ def write_finishes(entries: list[dict[str, Any]]) -> None:
             except Exception:
                 charged = {name: entry.get(name) for name in ("prompt_tokens", "completion_tokens", "cost_usd")}
                 log.exception("finished job %s could not be recorded (%s); dropped", entry.get("id"), charged)
+    finally:
+        release_db_connection()  # a PostgreSQL one goes back to its pool between batches
 
 
 def write_batch(successes: list[Success]) -> None:

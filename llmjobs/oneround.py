@@ -30,11 +30,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.utils import timezone
 
 from apikeys.keys import PresentedKey
 from apikeys.models import BUDGET_PERIODS, BUDGETS, ApiKey
-from apikeys.services import CONSUME_SQL, ConsumedCall
+from apikeys.services import CONSUME_SQL, ConsumedCall, consume_params
 from llmjobs import rollups, rows
 from llmjobs.models import Job, UsageDay
 
@@ -89,9 +88,7 @@ def admit(presented: PresentedKey, model: str, job: Job) -> ConsumedCall | None:
     """Take the call and INSERT `job` (built with every column but its key) in one
     statement; the call taken, or None when the key needs the transactional path (or
     cannot be used: that path says why). `job.tokens_reserved` is what it reserves."""
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
-    reserve, needed = job.tokens_reserved, max(job.tokens_reserved, 1)
-    params = [reserve, now, presented.prefix, presented.secret_hash, now, now, needed, model]
+    params = [*consume_params(presented, job.tokens_reserved, max(job.tokens_reserved, 1)), model]
     params += rows.params([item for item in rows.job_columns(job) if item[0] != "api_key_id"])
     with connection.cursor() as cursor:
         cursor.execute(ADMIT_SQL, params)
@@ -106,8 +103,6 @@ def admit(presented: PresentedKey, model: str, job: Job) -> ConsumedCall | None:
 def needed_full_path(presented: PresentedKey) -> None:
     """The key passed the transactional path where this one matched nothing: it has
     limits or budgets; its next calls go there first for a while."""
-    if not available():
-        return
     if len(full_path_until) >= MAX_REMEMBERED:
         full_path_until.clear()
     full_path_until[presented.prefix] = time.monotonic() + FULL_PATH_S
@@ -117,9 +112,6 @@ def needed_full_path(presented: PresentedKey) -> None:
 
 ROLLUP_TABLE = UsageDay._meta.db_table
 ROLLUP_KEY = UsageDay._meta.get_field("api_key").column
-
-
-ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF; "
 
 
 def finish_sql(with_rollup: bool) -> str:
@@ -184,7 +176,7 @@ def finish_many(successes: list[tuple[list[Any], int, rollups.Counts]], durable:
         if durable:
             cursor.execute(statements, params)
         else:
-            cursor.execute(ASYNC_COMMIT + statements, params)
+            cursor.execute(rows.ASYNC_COMMIT + statements, params)
             cursor.nextset()
         found = [cursor.fetchone()]
         for _ in successes[1:]:

@@ -32,6 +32,10 @@ UPDATE {Job._meta.db_table}
 RETURNING api_key_id, tokens_reserved, model, created_at, input_chars, rate_limited, budgeted, spend_reserved
 """
 
+# Sent before a bookkeeping statement on PostgreSQL, in the same round trip: its commit
+# waits for no disk flush (a crash may lose its last instants, never a charge).
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF; "
+
 # The worker's claim of a queued job (`lifecycle.start`).
 START_SQL = f"UPDATE {Job._meta.db_table} SET status = %s, started_at = %s, worker = %s WHERE id = %s AND status = %s"
 
