@@ -10,7 +10,7 @@ Two loops, interleaved request by request so both see the same machine:
 - its stages: the same call made through the seams the view is built of, each one
   timed: the authentication class's `caller_for`, `route_model`, the typed body,
   `lifecycle.open_upstream` (admission + Job INSERT), the provider (`upstream`), and
-  `lifecycle.finish_upstream` (with `[server] write_behind`, its journal line: the
+  `upstreamjobs.finish_upstream` (with `[server] write_behind`, its journal line: the
   database write is the journal writer's thread, off the call's path, and its CPU is
   in the process's CPU the benchmark reads from /proc), then the request log line.
 
@@ -49,7 +49,7 @@ from djangollmapi.middleware import RequestLogMiddleware  # noqa: E402
 from djangollmapi.routes import route_model  # noqa: E402
 from gateway import proxy, upstream  # noqa: E402
 from gateway.protocol import forwarded, requests  # noqa: E402
-from llmjobs import lifecycle  # noqa: E402
+from llmjobs import lifecycle, upstreamjobs  # noqa: E402
 
 PATH = "/v1/chat/completions"
 STAGES = (
@@ -122,7 +122,7 @@ def staged_call(factory: RequestFactory, body: str, key: str) -> dict[str, float
     marks.append(time.perf_counter())
     answer = upstream.read_json(route, response)
     marks.append(time.perf_counter())
-    lifecycle.finish_upstream(job, route, proxy.answer_text(answer), upstream.usage_numbers(answer))
+    upstreamjobs.finish_upstream(job, route, proxy.answer_text(answer), upstream.usage_numbers(answer))
     marks.append(time.perf_counter())
     RequestLogMiddleware(lambda r: None).write(request, reply, marks[0])
     marks.append(time.perf_counter())

@@ -121,12 +121,12 @@ class BufferingThreadWorker(ThreadWorker):
         # Past this without a blank line, the parser takes it and answers 431 / 400.
         cfg = self.cfg
         self.max_head_bytes = cfg.limit_request_line + cfg.limit_request_fields * (cfg.limit_request_field_size + 2) + 4
-        from llmjobs import journal, lifecycle
+        from llmjobs import journal, upstreamjobs
 
         if server.write_behind:
-            journal.journal(lifecycle.write_finishes)  # its writer first writes what dead processes left
+            journal.journal(upstreamjobs.write_finishes)  # its writer first writes what dead processes left
         else:  # what dead processes left while it was on
-            journal.recover(journal.journal_dir(), lifecycle.write_finishes)
+            journal.recover(journal.journal_dir(), upstreamjobs.write_finishes)
 
     def run(self) -> None:
         try:

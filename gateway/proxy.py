@@ -30,7 +30,7 @@ from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, database_down_event, sse_response
 from gateway.upstream import UpstreamFailure
-from llmjobs import lifecycle
+from llmjobs import lifecycle, upstreamjobs
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def relay_stream(
         response.close()
         if not ended:
             with contextlib.suppress(Exception):
-                lifecycle.abandon_upstream(job, usage, len(pieces))
+                upstreamjobs.abandon_upstream(job, usage, len(pieces))
 
 
 def parse_event(route: UpstreamRoute, data: str) -> dict[str, Any]:
@@ -225,9 +225,9 @@ def parse_event(route: UpstreamRoute, data: str) -> dict[str, Any]:
 
 def finish(job: Job, route: UpstreamRoute, text: str, usage: tuple[int, int] | None, pieces: int, note: dict) -> None:
     """Record the answer, and what it was charged in the request's log line."""
-    prompt, completion = lifecycle.finish_upstream(job, route, text, usage, pieces)
+    prompt, completion = upstreamjobs.finish_upstream(job, route, text, usage, pieces)
     note.update(prompt_tokens=prompt, completion_tokens=completion)
 
 
 def fail(job: Job, failure: UpstreamFailure) -> None:
-    lifecycle.fail_upstream(job, failure.status, failure.code, failure.message)
+    upstreamjobs.fail_upstream(job, failure.status, failure.code, failure.message)

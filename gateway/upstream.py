@@ -36,8 +36,8 @@ from urllib3 import exceptions as http_errors
 
 from djangollmapi.errors import ApiError
 from djangollmapi.routes import UpstreamRoute
-from llmjobs.lifecycle import PROVIDER_SIDE_4XX
 from llmjobs.models import Job
+from llmjobs.upstreamjobs import PROVIDER_SIDE_4XX
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
-"""A job's lifecycle and its key's charge, in one place: the only code that opens a
-call's admission (`llmjobs.admission` takes it and writes its row, in the transaction
-opened here), enqueues, starts, hands on (a route's next backend), finishes, fails,
-cancels, refunds and settles a job, local or upstream alike, and the only caller of
+"""A job's lifecycle and its key's charge, in one place: the only code that asks for a
+call's admission (`llmjobs.admission` takes it and writes its row), enqueues, starts,
+hands on (a route's next backend), finishes, fails, cancels, refunds and settles a job,
+local or upstream alike, and the only caller of
 `apikeys.services.refund_call` and `settle_tokens`.
 
-The billing policy, all of it here:
+The billing policy, here but for the part only upstream calls have (which of a
+provider's refusals are refunded, what an answer without usage costs, the record
+written behind the answer: `llmjobs.upstreamjobs`, which ends jobs through this):
 
 - A call is taken (its `max_tokens` reserved) in the transaction that records its
   job: a refused call leaves neither a charge nor a row. A route's call is taken once,
@@ -37,8 +39,6 @@ import redis
 from django.conf import settings
 from django.db import (
     DEFAULT_DB_ALIAS,
-    InterfaceError,
-    OperationalError,
     close_old_connections,
     connection,
     connections,
@@ -53,7 +53,7 @@ from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
 from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
 from djangollmapi.wire import storable_copy
-from llmjobs import events, journal, oneround, rollups, rows, taskmessage
+from llmjobs import events, oneround, rollups, rows, taskmessage
 from llmjobs.admission import JobRequest, admit_job
 from llmjobs.models import Job
 from llmjobs.routing import QueueState, choose_replica, device_queue_name
@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 
 RUN_TASK = taskmessage.RUN_TASK
 CANCELLED_MESSAGE = "The job was cancelled: its client went away."
-CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
-# A provider's refusals that are about our side (its secret, its limits there), not
-# the client's request: refunded like any server-side failure.
-PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
 
 
 @dataclass(frozen=True)
@@ -664,131 +660,3 @@ def give_back(job_id: Any) -> None:
             job = ended_job(job_id)
             rollups.add(job.api_key_id, job.model, job.created_at, rollups.Counts(refunded=1))
             settle_budgets(job, used=None, spend=None, device_s=None, refunded=True)
-
-
-# --- upstream jobs ----------------------------------------------------------------
-
-
-def finish_upstream(
-    job: Job, route: UpstreamRoute, text: str, usage: tuple[int, int] | None, pieces: int = 1
-) -> tuple[int, int]:
-    """Record a provider's answer and charge its usage and price; a provider that
-    reported no usage is charged `estimated_usage`. The (prompt, completion) charged."""
-    prompt, completion = usage or estimated_usage(job, pieces)
-    cost = route.model.cost(prompt, completion)
-    store_output = job.kind != Job.Kind.EMBEDDINGS
-    if settings.LLM_CONFIG.server.write_behind:
-        finish_later(job, text, prompt, completion, store_output=store_output, cost_usd=cost)
-    else:
-        finish(job.id, text, prompt, completion, store_output=store_output, cost_usd=cost)
-    return prompt, completion
-
-
-def finish_later(
-    job: Job, text: str, prompt_tokens: int, completion_tokens: int, *, store_output: bool, cost_usd: float | None
-) -> None:
-    """`finish`, write-behind (`llmjobs.journal`): the record goes to this process's
-    journal before the answer goes out, and into the database with the next batch;
-    the rate limits and metrics are settled now."""
-    entry = journal_entry(job, text, prompt_tokens, completion_tokens, store_output, cost_usd)
-    if not journal.journal(write_finishes).record(entry):
-        finish(job.id, text, prompt_tokens, completion_tokens, store_output=store_output, cost_usd=cost_usd)
-        return
-    ended = EndedJob(*(getattr(job, name) for name in EndedJob._fields))
-    settle_rate_limits(job.id, ended, prompt_tokens + completion_tokens, release=True)
-    count_ending(job.model, Job.Status.SUCCEEDED, "", prompt_tokens, completion_tokens)
-
-
-def journal_entry(
-    job: Job, text: str, prompt_tokens: int, completion_tokens: int, store_output: bool, cost_usd: float | None
-) -> dict[str, Any]:
-    """A success as its journal line: no answer on disk that the row would not keep."""
-    stored = store_output and settings.LLM_CONFIG.server.store_payloads
-    return {
-        "id": str(job.id),
-        "key": job.api_key_id,
-        "output": text if stored else "",
-        "output_chars": len(text),
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "store_output": stored,
-        "cost_usd": cost_usd,
-        "finished_at": timezone.now().isoformat(),
-    }
-
-
-def write_finishes(entries: list[dict[str, Any]]) -> None:
-    """The journal's batch, key by key (so that two writers take the keys' rows in one
-    order): on PostgreSQL in one round trip (`oneround.finish_many`), elsewhere in one
-    transaction (one commit, one SQLite write lock); a job that ended meanwhile is
-    left as it is. Should the batch fail for anything but the database being away, each
-    entry is tried alone, and one that cannot be written is logged with what it charged
-    and dropped, so that it holds up no other."""
-    entries = sorted(entries, key=lambda entry: (entry.get("key") or 0, entry["id"]))
-    close_old_connections()  # the writer's thread keeps its connection between batches
-    try:
-        write_batch([success_of(entry) for entry in entries])
-    except (OperationalError, InterfaceError):
-        raise  # the database is away: the journal keeps the batch and tries again
-    except Exception:
-        log.exception("a batch of %d finished jobs failed; writing them one by one", len(entries))
-        for entry in entries:
-            try:
-                write_batch([success_of(entry)])
-            except (OperationalError, InterfaceError):
-                raise
-            except Exception:
-                charged = {name: entry.get(name) for name in ("prompt_tokens", "completion_tokens", "cost_usd")}
-                log.exception("finished job %s could not be recorded (%s); dropped", entry.get("id"), charged)
-    finally:
-        release_db_connection()  # a PostgreSQL one goes back to its pool between batches
-
-
-def write_batch(successes: list[Success]) -> None:
-    if oneround.available():
-        found = oneround.finish_many([(done.params, done.used, done.counts) for done in successes], durable=True)
-        for done, row in zip(successes, found, strict=True):
-            if row is None:
-                finish_in_transaction(done, durable=True)  # budgeted (or ended: then it does nothing)
-        return
-    if len(successes) == 1 or connection.vendor == "postgresql":
-        for done in successes:  # each its own transaction: no key's row held across round trips
-            finish_in_transaction(done, durable=True)
-        return
-    with transaction.atomic():  # SQLite: one write lock, one commit for the batch
-        for done in successes:
-            finish_in_transaction(done, durable=True)
-
-
-def success_of(entry: dict[str, Any]) -> Success:
-    """A journal line's success."""
-    return success(
-        entry["id"],
-        entry["output"],
-        entry["prompt_tokens"],
-        entry["completion_tokens"],
-        store_output=entry["store_output"],
-        cost_usd=entry["cost_usd"],
-        finished_at=datetime.fromisoformat(entry["finished_at"]),
-        output_chars=entry.get("output_chars"),
-    )
-
-
-def fail_upstream(job: Job, status: int, code: str, message: str) -> None:
-    """A provider call that failed; refunded unless the provider refused the client's
-    own request (a 4xx that is not about our secret or our limits there)."""
-    client_fault = 400 <= status < 500 and status not in PROVIDER_SIDE_4XX
-    fail(job.id, code, message, refund=not client_fault)
-
-
-def abandon_upstream(job: Job, usage: tuple[int, int] | None, pieces: int) -> None:
-    """The client went away mid-stream: the job ends `cancelled`, charged for what was
-    streamed (the provider bills it too); the call is not refunded."""
-    cancel(job.id)
-    record_cancelled(str(job.id), *(usage or estimated_usage(job, pieces)))
-
-
-def estimated_usage(job: Job, completion_pieces: int) -> tuple[int, int]:
-    """What a provider that reports no usage (or a stream cut before its usage chunk)
-    is charged: ~4 characters a prompt token, one token per streamed piece."""
-    return -(-job.input_chars // CHARS_PER_TOKEN), completion_pieces

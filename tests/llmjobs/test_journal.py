@@ -17,7 +17,7 @@ import pytest
 
 from apikeys.keys import parse_key
 from apikeys.models import ApiKey, BudgetUse
-from llmjobs import admission, journal, lifecycle, oneround
+from llmjobs import admission, journal, lifecycle, oneround, upstreamjobs
 from llmjobs.models import Job, UsageDay
 from tests.helpers import CheckedChat, wait_until
 
@@ -93,8 +93,8 @@ def test_writing_a_finish_twice_changes_nothing():
     ApiKey.objects.filter(id=api_key.id).update(calls_used=1, tokens_used=admission.reservation(REQUEST))
     job = running_job(api_key)
     line = entry(job)
-    lifecycle.write_finishes([line])
-    lifecycle.write_finishes([line])  # a crash between the commit and the file's truncation
+    upstreamjobs.write_finishes([line])
+    upstreamjobs.write_finishes([line])  # a crash between the commit and the file's truncation
     row = Job.objects.get(id=job.id)
     assert (row.status, row.prompt_tokens, row.completion_tokens, row.output) == ("succeeded", 5, 7, "the answer")
     assert row.finished_at.isoformat() == "2026-12-02T10:00:00+00:00"  # when it was answered
@@ -112,7 +112,7 @@ def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_mea
     jobs = [running_job(api_key) for _ in range(3)]
     budgeted, _ = admission.admit_job(parse_key(plaintext), "far", REQUEST, backend="prov", status="running")
     lifecycle.fail(jobs[1].id, "upstream_error", "it failed first")
-    lifecycle.write_finishes([entry(job) for job in [*jobs, budgeted]])
+    upstreamjobs.write_finishes([entry(job) for job in [*jobs, budgeted]])
     statuses = [Job.objects.get(id=job.id).status for job in [*jobs, budgeted]]
     assert statuses == ["succeeded", "failed", "succeeded", "succeeded"]
     assert UsageDay.objects.get(api_key=api_key).succeeded == 2
@@ -123,7 +123,7 @@ def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_mea
 def test_the_journal_of_this_process_is_written_by_its_writer(settings, tmp_path: Path):
     api_key, _ = ApiKey.objects.issue(name="writer")
     job = running_job(api_key)
-    book = journal.Journal(tmp_path, lifecycle.write_finishes)
+    book = journal.Journal(tmp_path, upstreamjobs.write_finishes)
     try:
         book.record(entry(job))
         wait_until(lambda: Job.objects.get(id=job.id).status == "succeeded", 10, "the writer to write the job")
@@ -158,8 +158,8 @@ def test_an_answer_the_row_would_not_keep_is_not_kept_in_the_journal_either(sett
     job = running_job(api_key)
     server = settings.LLM_CONFIG.server.model_copy(update={"store_payloads": False})
     settings.LLM_CONFIG = settings.LLM_CONFIG.model_copy(update={"server": server})
-    line = lifecycle.journal_entry(job, "a private answer", 3, 4, True, None)
+    line = upstreamjobs.journal_entry(job, "a private answer", 3, 4, True, None)
     assert "a private answer" not in json.dumps(line)
-    lifecycle.write_finishes([line])
+    upstreamjobs.write_finishes([line])
     row = Job.objects.get(id=job.id)
     assert (row.status, row.output, row.output_chars) == ("succeeded", None, len("a private answer"))

@@ -11,7 +11,7 @@ import pytest
 from apikeys.models import ApiKey
 from djangollmapi.config import parse_config
 from djangollmapi.routes import route_model
-from llmjobs import admission, journal, lifecycle
+from llmjobs import admission, journal, lifecycle, upstreamjobs
 from llmjobs.models import Job
 from tests.helpers import CheckedChat
 
@@ -75,7 +75,7 @@ def test_the_recorded_row_is_the_job_it_returns():
 def test_a_providers_refusal_is_refunded_unless_it_is_the_clients_fault(status, refunded):
     api_key = charged_key()
     job = upstream_job(api_key)
-    lifecycle.fail_upstream(job, status, "some_code", "refused")
+    upstreamjobs.fail_upstream(job, status, "some_code", "refused")
     job.refresh_from_db()
     api_key.refresh_from_db()
     assert (job.status, job.refunded, api_key.calls_used) == (Job.Status.FAILED, refunded, 0 if refunded else 1)
@@ -86,7 +86,7 @@ def test_an_answer_without_usage_is_charged_an_estimate_at_the_price():
     api_key = charged_key()
     route = route_model("far", CONFIG)
     job = upstream_job(api_key)
-    charged = lifecycle.finish_upstream(job, route, "the answer", usage=None, pieces=5)
+    charged = upstreamjobs.finish_upstream(job, route, "the answer", usage=None, pieces=5)
     assert charged == (3, 5)  # 12 characters at ~4 a token, one token per streamed piece
     assert journal.drain()  # written behind the answer ([server] write_behind)
     job.refresh_from_db()
