@@ -25,7 +25,7 @@ from django.http import HttpResponseBase, JsonResponse
 from djangollmapi import metrics
 from djangollmapi.middleware import log_fields, note_job
 from djangollmapi.routes import UpstreamRoute
-from gateway import breaker, cache, upstream
+from gateway import breaker, cache, providers, upstream
 from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, database_down_event, sse_response
@@ -95,7 +95,7 @@ def heard(route: UpstreamRoute, failure: UpstreamFailure | None = None) -> None:
             breaker.board().failed(route.provider, policy, failure.retry_after_s)
 
 
-def first_event_read(response: upstream.ProviderResponse, events: Iterator[dict | None]) -> Iterator[dict | None]:
+def first_event_read(response: providers.ProviderResponse, events: Iterator[dict | None]) -> Iterator[dict | None]:
     """The provider's stream with its first event already read, so a stream that fails
     before it fails before anything reached the client (and a route may go on)."""
     try:
@@ -106,7 +106,7 @@ def first_event_read(response: upstream.ProviderResponse, events: Iterator[dict 
     return itertools.chain([first], events)
 
 
-def provider_events(route: UpstreamRoute, response: upstream.ProviderResponse) -> Iterator[dict | None]:
+def provider_events(route: UpstreamRoute, response: providers.ProviderResponse) -> Iterator[dict | None]:
     """The provider's stream as events, None for its `[DONE]`; a stream that ends
     without it, or an event that is not OpenAI's chunk, is an UpstreamFailure."""
     for data in upstream.sse_data(route, response):
@@ -117,7 +117,7 @@ def provider_events(route: UpstreamRoute, response: upstream.ProviderResponse) -
     raise UpstreamFailure(502, "upstream_error", f"The stream from the provider {route.provider!r} ended early.")
 
 
-def response_headers(job: Job, response: upstream.ProviderResponse) -> dict[str, str]:
+def response_headers(job: Job, response: providers.ProviderResponse) -> dict[str, str]:
     headers = {"X-Request-Id": str(job.id)}
     request_id = upstream.upstream_request_id(response)
     if request_id:
@@ -150,7 +150,7 @@ def relay_stream(
     job: Job,
     route: UpstreamRoute,
     call: UpstreamCall,
-    response: upstream.ProviderResponse,
+    response: providers.ProviderResponse,
     events: Iterator[dict | None],
     client_gone: Callable[[], bool],
     note: dict,

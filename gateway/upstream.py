@@ -1,9 +1,7 @@
 """Forwarding to OpenAI-compatible providers (Groq, OpenAI, Mistral, Ollama, vLLM, or
 another djangollmapi) with a server-side secret the client never sees.
 
-One urllib3 connection pool per provider and process: thread-safe, keep-alive, bounded
-(urllib3 rather than httpx: a call costs it ~0.18 ms of CPU here against httpx's ~0.4,
-and every gateway call pays it).
+One connection pool per provider and process (`gateway.providers`).
 The target is only ever a configured `base_url` chosen by a configured model name;
 nothing from the client (headers, fields) reaches the URL or the headers we send, so
 the gateway cannot be pointed elsewhere (no SSRF). Provider failures are translated:
@@ -19,23 +17,18 @@ the wrong shape is a 502 like any other failure of the provider.
 from __future__ import annotations
 
 import email.utils
-import functools
 import json
 import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
-import certifi
-import urllib3
-from django.conf import settings
-from urllib3 import HTTPHeaderDict
 from urllib3 import exceptions as http_errors
 
 from djangollmapi.errors import ApiError
 from djangollmapi.routes import UpstreamRoute
+from gateway import providers
 from llmjobs.models import Job
 from llmjobs.upstreamjobs import PROVIDER_SIDE_4XX
 
@@ -46,75 +39,6 @@ REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-groq-id", "openai-request
 MAX_ERROR_MESSAGE = 2000
 # A provider's error body is read only for its message: more than this is not an error.
 MAX_ERROR_BODY_BYTES = 65_536
-
-
-# Read from a provider's socket at most this much at a time (less when less has come).
-READ_BYTES = 65_536
-
-
-class Provider:
-    """A provider's pooled connections and where its API lives. urllib3 keeps no
-    cookies, follows no redirects and retries nothing here: a cookie one call's
-    provider set never rides on the next (another key's) call, a redirect cannot carry
-    the secret to another host, and a POST is never sent twice."""
-
-    def __init__(self, base_url: str, pool: urllib3.HTTPConnectionPool) -> None:
-        self.path = urlsplit(base_url).path.rstrip("/") + "/"
-        self.pool = pool
-        # Every call's headers but its secret: the config's, then ours, by name whatever its case.
-        self.headers = HTTPHeaderDict(pool.headers)
-        self.headers["Accept"] = "application/json, text/event-stream"
-        self.headers["Content-Type"] = "application/json"
-
-
-class ProviderResponse:
-    """A provider's answer with its body unread: its status, its headers, its body as it
-    arrives, and `close`, which hands the connection back to the pool (kept alive when
-    the body was read to its end, else dropped: the provider stops a stream it cannot
-    send)."""
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
-        self.raw = raw
-        self.status_code = raw.status
-        self.headers = raw.headers
-        self.ended = False
-
-    def iter_bytes(self) -> Iterator[bytes]:
-        while chunk := self.raw.read1(READ_BYTES):
-            yield chunk
-        self.ended = True
-
-    def close(self) -> None:
-        if not self.ended:
-            self.raw.close()  # the socket goes; its place in the pool stays
-        self.raw.release_conn()
-
-
-@functools.cache
-def provider(name: str) -> Provider:
-    """The provider's pooled connections, built on first use in each process (after fork)."""
-    upstream = next(u for u in settings.LLM_CONFIG.upstreams if u.name == name)
-    parts = urlsplit(upstream.base_url)
-    tls = {"ca_certs": certifi.where()} if parts.scheme == "https" else {}
-    pool = urllib3.connection_from_url(
-        upstream.base_url,
-        maxsize=upstream.max_connections,
-        block=True,  # a full pool waits (`timeout_s`), then answers 503 upstream_busy
-        # The body is sent under the connect timeout (urllib3 has no write timeout of its
-        # own; a body is at most max_body_bytes), the answer read under timeout_s.
-        timeout=urllib3.Timeout(connect=upstream.connect_timeout_s, read=upstream.timeout_s),
-        retries=False,
-        # Uncompressed, so the bytes we count are the bytes we hold (no gzip bomb);
-        # the config's `headers` may ask for compression again (read decoded, bounded).
-        headers={"Accept-Encoding": "identity", **dict(upstream.headers)},
-        **tls,
-    )
-    return Provider(upstream.base_url, pool)
-
-
-def body_bytes(body: dict[str, Any]) -> bytes:
-    """The request body as JSON: compact, UTF-8, no NaN (which JSON has not)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class UpstreamFailure(ApiError):
@@ -138,11 +62,11 @@ class UpstreamFailure(ApiError):
         return self.status >= 500 or self.status in PROVIDER_SIDE_4XX
 
 
-def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) -> ProviderResponse:
+def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) -> providers.ProviderResponse:
     """POST the body to the provider and return the response with its body unread
     (streamed), so both streaming and plain calls start the same way. Any status but
     2xx is raised as an UpstreamFailure after reading the provider's error."""
-    target = provider(route.provider)
+    target = providers.provider(route.provider)
     secret = route.upstream.secret()
     if route.upstream.api_key_env and not secret:
         log.error("upstream %s: environment variable %s is not set", route.provider, route.upstream.api_key_env)
@@ -159,7 +83,7 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
         raw = target.pool.urlopen(
             "POST",
             target.path + PATHS[kind],
-            body=body_bytes(body),
+            body=providers.body_bytes(body),
             headers=sent,
             retries=False,
             redirect=False,
@@ -186,7 +110,7 @@ def open_response(route: UpstreamRoute, kind: Job.Kind, body: dict[str, Any]) ->
         raise UpstreamFailure(
             502, "upstream_error", f"The provider {route.provider!r} closed the connection without answering."
         ) from None
-    response = ProviderResponse(raw)
+    response = providers.ProviderResponse(raw)
     if response.status_code >= 300:
         try:
             raise failure_from_response(route, response)
@@ -235,7 +159,7 @@ def unexpected(route: UpstreamRoute, what: str = "answer") -> UpstreamFailure:
     return UpstreamFailure(502, "upstream_error", f"The provider {route.provider!r} sent an unexpected {what}.")
 
 
-def failure_from_response(route: UpstreamRoute, response: ProviderResponse) -> UpstreamFailure:
+def failure_from_response(route: UpstreamRoute, response: providers.ProviderResponse) -> UpstreamFailure:
     """5xx (and redirects) → 502; 4xx → the provider's error, in our shape."""
     status = response.status_code
     wait_s = retry_after_s(response)
@@ -273,12 +197,12 @@ def clean_text(value: Any, route: UpstreamRoute) -> str | None:
     return text
 
 
-def retry_after(response: ProviderResponse) -> dict[str, str]:
+def retry_after(response: providers.ProviderResponse) -> dict[str, str]:
     value = response.headers.get("retry-after", "")
     return {"Retry-After": value} if value.isdigit() else {}
 
 
-def retry_after_s(response: ProviderResponse) -> float | None:
+def retry_after_s(response: providers.ProviderResponse) -> float | None:
     """The provider's `Retry-After` in seconds (a number or an HTTP date), if any."""
     value = response.headers.get("retry-after", "").strip()
     if value.isdigit():
@@ -292,7 +216,7 @@ def retry_after_s(response: ProviderResponse) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
-def upstream_request_id(response: ProviderResponse) -> str | None:
+def upstream_request_id(response: providers.ProviderResponse) -> str | None:
     for name in REQUEST_ID_HEADERS:
         value = response.headers.get(name)
         if value and len(value) <= 200 and value.isprintable():
@@ -300,7 +224,7 @@ def upstream_request_id(response: ProviderResponse) -> str | None:
     return None
 
 
-def body_chunks(route: UpstreamRoute, response: ProviderResponse) -> Iterator[bytes]:
+def body_chunks(route: UpstreamRoute, response: providers.ProviderResponse) -> Iterator[bytes]:
     """The body as it arrives; a read that waits longer than `timeout_s`, a body not
     done `total_timeout_s` after its headers, or a broken connection is an
     UpstreamFailure."""
@@ -319,7 +243,7 @@ def body_chunks(route: UpstreamRoute, response: ProviderResponse) -> Iterator[by
         ) from None
 
 
-def read_body(route: UpstreamRoute, response: ProviderResponse, limit: int) -> bytes:
+def read_body(route: UpstreamRoute, response: providers.ProviderResponse, limit: int) -> bytes:
     """At most `limit` bytes of the body: a longer one (declared or sent) is refused
     as soon as it shows, and the connection dropped with the response."""
     declared = response.headers.get("content-length", "")
@@ -333,7 +257,7 @@ def read_body(route: UpstreamRoute, response: ProviderResponse, limit: int) -> b
     return bytes(body)
 
 
-def read_json(route: UpstreamRoute, response: ProviderResponse) -> dict[str, Any]:
+def read_json(route: UpstreamRoute, response: providers.ProviderResponse) -> dict[str, Any]:
     """The whole body of a plain (non-stream) answer, a JSON object of at most
     `max_response_bytes`."""
     try:
@@ -361,7 +285,7 @@ def check_answer(route: UpstreamRoute, kind: Job.Kind, data: dict[str, Any]) -> 
         raise unexpected(route)
 
 
-def sse_data(route: UpstreamRoute, response: ProviderResponse) -> Iterator[str]:
+def sse_data(route: UpstreamRoute, response: providers.ProviderResponse) -> Iterator[str]:
     """The `data:` payloads of the provider's event stream as they arrive (comments
     and other fields skipped); transport failures become UpstreamFailure."""
     for line in stream_lines(route, body_chunks(route, response)):
