@@ -9,7 +9,7 @@ Two loops, interleaved request by request so both see the same machine:
   COMMITs counted;
 - its stages: the same call made through the seams the view is built of, each one
   timed: the authentication class's `caller_for`, `route_model`, the typed body,
-  `lifecycle.open_upstream` (admission + Job INSERT), the provider (`upstream`), and
+  `upstreamjobs.open_upstream` (admission + Job INSERT), the provider (`upstream`), and
   `upstreamjobs.finish_upstream` (with `[server] write_behind`, its journal line: the
   database write is the journal writer's thread, off the call's path, and its CPU is
   in the process's CPU the benchmark reads from /proc), then the request log line.
@@ -49,7 +49,7 @@ from djangollmapi.middleware import RequestLogMiddleware  # noqa: E402
 from djangollmapi.routes import route_model  # noqa: E402
 from gateway import proxy, upstream  # noqa: E402
 from gateway.protocol import forwarded, requests  # noqa: E402
-from llmjobs import lifecycle, upstreamjobs  # noqa: E402
+from llmjobs import upstreamjobs  # noqa: E402
 
 PATH = "/v1/chat/completions"
 STAGES = (
@@ -116,7 +116,7 @@ def staged_call(factory: RequestFactory, body: str, key: str) -> dict[str, float
         "chat", data, route.upstream.reserve_tokens, settings.LLM_CONFIG.server.max_input_chars
     )
     marks.append(time.perf_counter())
-    job = lifecycle.open_upstream(caller.presented, route, call)
+    job = upstreamjobs.open_upstream(caller.presented, route, call)
     marks.append(time.perf_counter())
     response = upstream.open_response(route, call.kind, call.body_for(route.model.upstream_name))
     marks.append(time.perf_counter())

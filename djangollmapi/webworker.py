@@ -121,12 +121,11 @@ class BufferingThreadWorker(ThreadWorker):
         # Past this without a blank line, the parser takes it and answers 431 / 400.
         cfg = self.cfg
         self.max_head_bytes = cfg.limit_request_line + cfg.limit_request_fields * (cfg.limit_request_field_size + 2) + 4
-        from llmjobs import journal, upstreamjobs
+        from llmjobs import upstreamjobs
 
-        if server.write_behind:
-            journal.journal(upstreamjobs.write_finishes)  # its writer first writes what dead processes left
-        else:  # what dead processes left while it was on
-            journal.recover(journal.journal_dir(), upstreamjobs.write_finishes)
+        # With write-behind off too: it proves this process alive to the others, and
+        # its writer first writes what dead ones left, then ends what they were running.
+        upstreamjobs.process_journal()
 
     def run(self) -> None:
         try:

@@ -29,7 +29,7 @@ from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRout
 from gateway import breaker, proxy
 from gateway.protocol import forwarded, requests
 from gateway.upstream import UpstreamFailure
-from llmjobs import lifecycle
+from llmjobs import lifecycle, upstreamjobs
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def serve(
     """Try the route's backends in its order until one answers (an upstream one) or
     takes the job (a local one)."""
     plan = [backend for backend in route.plan(rng) if backend.name in routed.calls]
-    job = lifecycle.open_routed(request.auth.presented, route, routed, plan[0])
+    runner = upstreamjobs.runner()  # this process, for its upstream tries
+    job = lifecycle.open_routed(request.auth.presented, route, routed, plan[0], runner)
     note_job(request, job)
     tries, last_failure, skipped = 0, None, []
     for backend in plan:
@@ -103,7 +104,7 @@ def serve(
             metrics.BACKEND_SKIPS.labels(route.name, backend_label(backend), decision.reason).inc()
             continue
         tries += 1
-        if not (tries == 1 and backend is plan[0]) and not lifecycle.next_try(job, backend, tries):
+        if not (tries == 1 and backend is plan[0]) and not lifecycle.next_try(job, backend, tries, runner):
             raise ApiError(503, "job_ended", "The call ended while it was being handed on.")
         note_try(request, job)
         call = routed.calls[backend.name]

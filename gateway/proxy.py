@@ -30,7 +30,7 @@ from gateway.protocol.forwarded import UpstreamCall
 from gateway.protocol.responses import SSE_DONE, error_event, sse_event
 from gateway.streaming import client_gone_probe, database_down_event, sse_response
 from gateway.upstream import UpstreamFailure
-from llmjobs import lifecycle, upstreamjobs
+from llmjobs import upstreamjobs
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def forward(request, route: UpstreamRoute, call: UpstreamCall, slot: Any = None) -> HttpResponseBase:
     """Charge and record, forward, answer as the provider did (model renamed); a plain
     answer is kept in the response cache's `slot` when the call has one."""
-    job = lifecycle.open_upstream(request.auth.presented, route, call)
+    job = upstreamjobs.open_upstream(request.auth.presented, route, call)
     note_job(request, job)
     return answer_upstream(request, job, route, call, slot)
 

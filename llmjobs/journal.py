@@ -11,7 +11,10 @@ that dies (killed, out of memory) leaves its file; the next web process on the h
 (at its start, then every `RECOVER_EVERY_S`) takes each file whose owner holds no lock
 on it any more, writes its lines the same way and deletes it. Writing a line twice
 changes nothing, so a crash between a batch's commit and the file's truncation costs
-nothing either. What it does not survive: the host's own crash before the kernel wrote
+nothing either. Once a dead process's lines are written, what it was still running
+(its `orphaned` calls, killed mid-call) is ended too, by the journal's name: the file
+is also the proof that its process lives, so every web process keeps one, with
+write-behind off as well. What it does not survive: the host's own crash before the kernel wrote
 the file back, or the loss of its disk (`[server] write_behind = false` then).
 
 Until its line is written a finished job still reads `running`, its key holds its
@@ -45,17 +48,18 @@ SUFFIX = ".journal"
 
 Entry = dict[str, Any]
 Writer = Callable[[list[Entry]], None]
+Orphans = Callable[[str], Any]  # ends what the dead process of this journal name was running
 
 
 class Journal:
     """One process's journal: its file, the lines not yet written, and its writer."""
 
-    def __init__(self, directory: Path, write: Writer, wait_s: float = 0.0) -> None:
-        self.directory, self.write, self.wait_s = directory, write, wait_s
+    def __init__(self, directory: Path, write: Writer, wait_s: float = 0.0, orphaned: Orphans | None = None) -> None:
+        self.directory, self.write, self.wait_s, self.orphaned = directory, write, wait_s, orphaned
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{time.time_ns()}"
-        self.path = directory / f"{name}{SUFFIX}"
-        making = directory / f"{name}.new"  # no recovery looks at it before it is locked
+        self.name = f"{os.getpid()}-{time.time_ns()}"  # unique to this process's life
+        self.path = directory / f"{self.name}{SUFFIX}"
+        making = directory / f"{self.name}.new"  # no recovery looks at it before it is locked
         self.fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # held for the process's life: it is alive
         os.rename(making, self.path)
@@ -105,7 +109,7 @@ class Journal:
         batch to gather), write them; False when a batch could not be written."""
         if time.monotonic() - self.recovered_at > RECOVER_EVERY_S:
             self.recovered_at = time.monotonic()
-            recover(self.directory, self.write, own=self.path)
+            recover(self.directory, self.write, own=self.path, orphaned=self.orphaned)
         with self.changed:
             if not self.pending and not self.stopping:
                 self.changed.wait(timeout=RECOVER_EVERY_S)
@@ -161,9 +165,10 @@ class Journal:
             os.close(self.fd)
 
 
-def recover(directory: Path, write: Writer, own: Path | None = None) -> int:
-    """Write and delete each journal in `directory` whose process is gone (its lock is
-    free); the lines written."""
+def recover(directory: Path, write: Writer, own: Path | None = None, orphaned: Orphans | None = None) -> int:
+    """Write each journal in `directory` whose process is gone (its lock is free), then
+    let `orphaned` end what that process was still running (the journal's name says
+    whose), then delete it; the lines written."""
     written = 0
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         if path == own:
@@ -184,6 +189,8 @@ def recover(directory: Path, write: Writer, own: Path | None = None) -> int:
                 write(entries[start : start + MAX_BATCH])
             if entries:
                 log.warning("wrote %d finished jobs from %s, left by a process that died", len(entries), path.name)
+            if orphaned is not None:
+                orphaned(path.name.removesuffix(SUFFIX))
             path.unlink()
             written += len(entries)
         except Exception:
@@ -214,13 +221,13 @@ def journal_dir() -> Path:
     return settings.LLM_CONFIG.server.data_dir / "journal"
 
 
-def journal(write: Writer) -> Journal:
+def journal(write: Writer, orphaned: Orphans | None = None) -> Journal:
     """This process's journal, started on first use (after a fork: its own)."""
     global _journal, _journal_pid
     with _journal_lock:
         if _journal is None or _journal_pid != os.getpid():
             server = settings.LLM_CONFIG.server
-            _journal = Journal(journal_dir(), write, server.write_behind_wait_ms / 1000)
+            _journal = Journal(journal_dir(), write, server.write_behind_wait_ms / 1000, orphaned)
             _journal_pid = os.getpid()
             atexit.register(_journal.close)
         return _journal

@@ -51,7 +51,7 @@ from apikeys.keys import PresentedKey
 from apikeys.services import refund_call, settle_statement, settle_tokens
 from djangollmapi import metrics
 from djangollmapi.errors import BROKER_UNAVAILABLE, ApiError
-from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRoute
+from djangollmapi.routes import Backend, FallbackRoute, LocalRoute
 from djangollmapi.wire import storable_copy
 from llmjobs import events, oneround, rollups, rows, taskmessage
 from llmjobs.admission import JobRequest, admit_job
@@ -142,32 +142,24 @@ def place(route: LocalRoute) -> Placement:
     return Placement(queues[index], states[index])
 
 
-def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
-    """Take the call exactly as for a local model and record a job that runs at once
-    (the web process forwards it: the provider is the device); the database
-    connection goes back to the pool for the provider's answer."""
-    job, _weight = admit_job(
-        presented, route.name, request, price=route.model, backend=route.provider, status=Job.Status.RUNNING
-    )
-    release_db_connection()
-    return job
-
-
-def open_routed(presented: PresentedKey, route: FallbackRoute, request: JobRequest, first: Backend) -> Job:
+def open_routed(
+    presented: PresentedKey, route: FallbackRoute, request: JobRequest, first: Backend, runner: str = ""
+) -> Job:
     """Take a route's call once, whichever of its backends serves it (its reservation
     and reserved spend the most any of them may use), and record its job as the
-    `first` backend's try; the job's `key_weight` is for its device's fair admission."""
-    job, weight = admit_job(presented, route.name, request, price=route, **try_columns(first))
+    `first` backend's try (`runner`: the web process that runs an upstream try,
+    `upstreamjobs.runner`); the job's `key_weight` is for its device's fair admission."""
+    job, weight = admit_job(presented, route.name, request, price=route, **try_columns(first, runner))
     job.key_weight = weight
     release_db_connection()
     return job
 
 
-def next_try(job: Job, backend: Backend, tries: int) -> bool:
+def next_try(job: Job, backend: Backend, tries: int, runner: str = "") -> bool:
     """Hand an active job to another backend of its route (the one before failed before
     its answer started, or could not be tried): its `tries` so far, and the new
     backend's queue and status. False when the job had ended meanwhile."""
-    columns = try_columns(backend)
+    columns = try_columns(backend, runner)
     columns["started_at"] = timezone.now() if columns["status"] == Job.Status.RUNNING else None
     updated = Job.objects.filter(id=job.id, status__in=Job.ACTIVE).update(tries=tries, **columns)
     for name, value in columns.items():
@@ -176,12 +168,13 @@ def next_try(job: Job, backend: Backend, tries: int) -> bool:
     return bool(updated)
 
 
-def try_columns(backend: Backend) -> dict[str, Any]:
-    """A job's columns while `backend` has it: a local one waits in its device's queue,
-    an upstream one runs at once in the web process."""
+def try_columns(backend: Backend, runner: str = "") -> dict[str, Any]:
+    """A job's columns while `backend` has it: a local one waits in its device's queue
+    (its worker named when one claims it), an upstream one runs at once in the web
+    process `runner`."""
     if isinstance(backend, LocalRoute):
-        return {"backend": "local", "queue": local_queue(backend), "status": Job.Status.QUEUED}
-    return {"backend": backend.provider, "queue": "", "status": Job.Status.RUNNING}
+        return {"backend": "local", "queue": local_queue(backend), "status": Job.Status.QUEUED, "worker": ""}
+    return {"backend": backend.provider, "queue": "", "status": Job.Status.RUNNING, "worker": runner}
 
 
 def enqueue(

@@ -1,14 +1,19 @@
-"""An upstream call's ending: what a provider's answer is charged (its usage, else an
-estimate, at its model's price), which of its refusals are refunded, and its record,
-written behind the answer (`[server] write_behind`): a line in this process's journal
-(`llmjobs.journal`) before the answer goes out, then `write_finishes` in the journal
-writer's batches. The statements that end a job are the lifecycle's (`llmjobs.lifecycle`),
-as for every job; this is the part of its billing policy only upstream calls have.
+"""An upstream call's job: opened running in the web process that forwards it (its
+`worker` names that process by its journal), and its ending: what a provider's answer
+is charged (its usage, else an estimate, at its model's price), which of its refusals
+are refunded, and its record, written behind the answer (`[server] write_behind`): a
+line in this process's journal (`llmjobs.journal`) before the answer goes out, then
+`write_finishes` in the journal writer's batches. A web process that dies mid-call
+(killed, out of memory) leaves its jobs `running`: once its journal is recovered,
+`end_orphans` fails them, refunded. The statements that end a job are the
+lifecycle's (`llmjobs.lifecycle`), as for every job; this is the part of its billing
+policy only upstream calls have.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from datetime import datetime
 from typing import Any
 
@@ -16,8 +21,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
+from apikeys.keys import PresentedKey
 from djangollmapi.routes import UpstreamRoute
 from llmjobs import journal, oneround
+from llmjobs.admission import JobRequest, admit_job
 from llmjobs.lifecycle import (
     EndedJob,
     Success,
@@ -36,6 +43,62 @@ from llmjobs.models import Job
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
+GATEWAY_LOST = "gateway_lost"
+GATEWAY_LOST_MESSAGE = (
+    "The web process forwarding this call to its provider stopped (killed, out of memory) before the "
+    "answer was recorded; the call was not charged."
+)
+HOST = socket.gethostname()
+
+
+def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
+    """Take the call exactly as for a local model and record a job that runs at once,
+    in this web process (the provider is the device; the job's `worker` is `runner()`);
+    the database connection goes back to the pool for the provider's answer."""
+    job, _weight = admit_job(
+        presented,
+        route.name,
+        request,
+        price=route.model,
+        backend=route.provider,
+        status=Job.Status.RUNNING,
+        worker=runner(),
+    )
+    release_db_connection()
+    return job
+
+
+def process_journal() -> journal.Journal:
+    """This process's journal: its upstream calls' records (write-behind) and the proof
+    that it lives, whose name its running jobs carry."""
+    return journal.journal(write_finishes, end_orphans)
+
+
+def runner() -> str:
+    """The `worker` of the upstream jobs this process runs."""
+    return runner_name(process_journal().name)
+
+
+def runner_name(journal_name: str) -> str:
+    """Its host and its journal's name (unique to its life): readable to an operator,
+    and what a recovery on the same host finds its jobs by."""
+    return f"web@{HOST}/{journal_name}"
+
+
+def end_orphans(journal_name: str) -> int:
+    """Fail, refunded, the upstream jobs that the dead process of this journal was
+    still running (its answered ones are written by then): nobody is left to finish
+    them. How many it ended. The (queue, status) index finds them: an upstream job has
+    no queue."""
+    running = Job.objects.filter(queue="", status=Job.Status.RUNNING, worker=runner_name(journal_name))
+    ended = 0
+    for job_id in running.values_list("id", flat=True):
+        ended += fail(job_id, GATEWAY_LOST, GATEWAY_LOST_MESSAGE, only_status=Job.Status.RUNNING)
+    if ended:
+        log.warning("failed %d upstream jobs, refunded: their web process (%s) died mid-call", ended, journal_name)
+    return ended
+
+
 # A provider's refusals that are about our side (its secret, its limits there), not
 # the client's request: refunded like any server-side failure.
 PROVIDER_SIDE_4XX = {401, 403, 408, 409, 429}
@@ -63,7 +126,7 @@ def finish_later(
     journal before the answer goes out, and into the database with the next batch;
     the rate limits and metrics are settled now."""
     entry = journal_entry(job, text, prompt_tokens, completion_tokens, store_output, cost_usd)
-    if not journal.journal(write_finishes).record(entry):
+    if not process_journal().record(entry):
         finish(job.id, text, prompt_tokens, completion_tokens, store_output=store_output, cost_usd=cost_usd)
         return
     ended = EndedJob(*(getattr(job, name) for name in EndedJob._fields))

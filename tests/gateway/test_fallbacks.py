@@ -476,6 +476,7 @@ def test_a_stream_that_fails_before_its_first_event_falls_back(gateway, scripted
     assert {json.loads(e)["model"] for e in reply.events[:-1]} == {"fb-scripted-pair"}
     (job,) = jobs_of(key)
     assert (job.backend, job.tries, job.status) == ("fb-live", 2, Job.Status.SUCCEEDED)
+    assert job.worker.startswith("web@")  # the web process that ran its upstream tries
     assert key_row(key).calls_used == 1
 
 
@@ -507,6 +508,7 @@ def test_a_local_deployment_serves_when_every_upstream_is_down(gateway, provider
     assert streamed_text(stream) == "one two three"
     assert tried(jobs_of(key)) == [("local", 3), ("local", 3)]
     assert all(job.queue == "dla.device.cpu" and job.status == Job.Status.SUCCEEDED for job in jobs_of(key))
+    assert all(job.worker and not job.worker.startswith("web@") for job in jobs_of(key))  # its device worker
 
 
 @pytest.mark.parametrize(("model", "why"), [("fb-orphan", "no worker"), ("fb-missing", "its model failed to load")])

@@ -3,7 +3,8 @@ process whose writer waits 10 s before each batch answers a call, is killed (SIG
 no exit handler runs) while the record is only in its journal, and the next web
 process on the host writes it at its start (with write-behind on or off): the job ends
 `succeeded` with the tokens and cost the client was told, charged once to its key and
-its day."""
+its day. A web process killed mid-call leaves its job `running`: the next one fails
+it `gateway_lost`, refunded, its reservation released."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 from djangollmapi import processes
+from llmjobs import upstreamjobs
 from llmjobs.models import Job, UsageDay
 from tests.conftest import PROVIDER_SECRET, PROVIDER_SECRET_ENV, free_port, gateway_config, start_web, wait_for_http
 from tests.helpers import key_row, wait_until
@@ -99,3 +101,42 @@ def test_a_web_process_stopped_gracefully_writes_what_it_answered(env, make_key,
     job = Job.objects.get(id=reply.headers["X-Request-Id"])
     assert (job.status, job.prompt_tokens, job.completion_tokens) == (Job.Status.SUCCEEDED, 3, 3)
     assert journals(tmp_path) == {}
+
+
+@pytest.mark.parametrize("next_one", ["write_behind = true", "write_behind = false"])
+def test_a_web_process_killed_mid_call_leaves_its_job_to_the_next_which_refunds_it(
+    live, env, make_key, tmp_path, next_one
+):
+    port, web = started(env)
+    try:
+        key = make_key(max_calls=5)
+        body = {"model": "up-slow", "prompt": "a b c", "max_tokens": 50, "stream": True}
+        headers = {"Authorization": f"Bearer {key}"}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with requests.post(url, json=body, headers=headers, stream=True, timeout=30) as reply:
+            assert reply.status_code == 200
+            job_id = reply.headers["X-Request-Id"]
+            assert next(reply.iter_lines()).startswith(b"data: ")  # mid-stream
+            job = Job.objects.get(id=job_id)
+            assert job.status == Job.Status.RUNNING
+            runner = f"web@{upstreamjobs.HOST}/"
+            assert job.worker.startswith(runner)  # the process that runs it, by its journal
+            assert f"{job.worker.removeprefix(runner)}.journal" in journals(tmp_path)
+            assert key_row(key).calls_used == 1
+            os.killpg(web.pid, signal.SIGKILL)
+    finally:
+        os.killpg(web.pid, signal.SIGKILL)
+        web.wait(10)
+    assert Job.objects.get(id=job_id).status == Job.Status.RUNNING  # nobody left to end it
+
+    _port, web = started(gateway_env(live, tmp_path, next_one))
+    try:
+        wait_until(lambda: Job.objects.get(id=job_id).status == Job.Status.FAILED, 20, "the orphan to be ended")
+    finally:
+        processes.stop(web)
+    job = Job.objects.get(id=job_id)
+    assert (job.error_code, job.refunded) == (upstreamjobs.GATEWAY_LOST, True)
+    row = key_row(key)
+    assert (row.calls_used, row.tokens_used) == (0, 0)  # refunded, its reservation released
+    day = UsageDay.objects.get(api_key=row)
+    assert (day.failed, day.refunded, day.succeeded) == (1, 1, 0)

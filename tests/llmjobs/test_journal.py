@@ -2,8 +2,9 @@
 is in the file before anything else happens, the writer writes it and empties the
 file, a batch that failed is kept and tried again, a dead process's journal is
 written by the next one (and only a dead one's), and writing a line twice changes
-nothing. The crash itself, a web process killed between answer and write, is
-tests/gateway/test_write_behind.py."""
+nothing; what a dead process was still running is failed, refunded, once its lines
+are written. The crash itself, a web process killed between answer and write (or
+mid-call), is tests/gateway/test_write_behind.py."""
 
 from __future__ import annotations
 
@@ -86,6 +87,39 @@ def test_only_a_dead_process_journal_is_recovered_and_a_torn_last_line_is_no_ent
         os.close(holder)
     assert [[e["id"] for e in batch] for batch in writer.batches] == [["a", "b"]]
     assert alive.exists() and not dead.exists()
+
+
+def test_a_dead_process_lines_are_written_before_what_it_still_ran_is_ended(tmp_path):
+    (tmp_path / "7-7.journal").write_text('{"id": "answered"}\n')
+    said: list[tuple[str, list]] = []
+    writer = Recorder()
+    journal.recover(tmp_path, writer, orphaned=lambda name: said.append((name, list(writer.batches))))
+    assert said == [("7-7", [[{"id": "answered"}]])]  # its name, once its lines were written
+
+
+def test_the_jobs_a_dead_process_was_running_fail_refunded_and_no_other(settings):
+    api_key, _ = ApiKey.objects.issue(name="orphans")
+    reserved = admission.reservation(REQUEST)
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=4, tokens_used=4 * reserved)
+    dead, alive = upstreamjobs.runner_name("11-1"), upstreamjobs.runner_name("12-1")
+    orphan, answered, other = (running_job(api_key) for _ in range(3))
+    Job.objects.filter(id__in=[orphan.id, answered.id]).update(worker=dead)
+    Job.objects.filter(id=other.id).update(worker=alive)
+    local = admission.create_job(api_key.id, "far", REQUEST, queue="cpu-q", status=Job.Status.RUNNING)
+    Job.objects.filter(id=local.id).update(worker=dead)  # a worker's job: the reaper's, not this
+    upstreamjobs.write_finishes([entry(answered)])
+
+    assert upstreamjobs.end_orphans("11-1") == 1
+    assert upstreamjobs.end_orphans("11-1") == 0  # once only
+    row = Job.objects.get(id=orphan.id)
+    assert (row.status, row.error_code) == ("failed", upstreamjobs.GATEWAY_LOST)
+    statuses = [Job.objects.get(id=job.id).status for job in (answered, other, local)]
+    assert statuses == ["succeeded", "running", "running"]
+    api_key.refresh_from_db()
+    assert api_key.calls_used == 3  # the orphan's call given back
+    assert api_key.tokens_used == 2 * reserved + 12  # its reservation released; the answered one settled
+    day = UsageDay.objects.get(api_key=api_key)
+    assert (day.failed, day.refunded, day.succeeded) == (1, 1, 1)
 
 
 def test_writing_a_finish_twice_changes_nothing():
