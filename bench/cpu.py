@@ -99,6 +99,21 @@ class CpuMeter:
         }
 
 
+def merged_meters(meters: list[CpuMeter]) -> CpuMeter:
+    """Several meterings of one case (`loadgen.merged`'s rounds) as one: CPU summed,
+    the machine's busy share averaged, the share taken by other processes the worst
+    round's (what says whether any of it was contaminated)."""
+    total = CpuMeter(None)
+    names = {name for meter in meters for name in meter.seconds}
+    total.seconds = {name: sum(meter.seconds.get(name, 0.0) for meter in meters) for name in names}
+    total.sys_seconds = {name: sum(meter.sys_seconds.get(name, 0.0) for meter in meters) for name in names}
+    total.client_s = sum(meter.client_s for meter in meters)
+    total.machine_busy = sum(meter.machine_busy for meter in meters) / len(meters)
+    total.foreign_share = max(meter.foreign_share for meter in meters)
+    total.load_before, total.load_after = meters[0].load_before, meters[-1].load_after
+    return total
+
+
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.25) -> float:
     """On a shared machine, wait (at most max_wait_s) until the whole machine is under
     `threshold` busy for a second while our stack idles; return the last busy share."""

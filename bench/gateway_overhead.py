@@ -19,7 +19,9 @@ Then, with `loadgen` for all targets (a thread and a keep-alive `http.client`
 connection per client, the same body and checks):
 
   (a) direct to the fake provider, (b) our gateway, (c) LiteLLM; each at 1 and 32
-  concurrent clients, non-streaming, after a warm-up; then one client streaming
+  concurrent clients, non-streaming, after a warm-up, each case's calls in `--rounds`
+  rounds with the targets taking turns (a slow spell of a shared VM then falls on
+  every target, not on one, and the ratios hold); then one client streaming
   (time to first content chunk). Also our web stack's floor: `GET /v1/bench-floor`, an
   unrouted path (gunicorn + Django + our middleware + the JSON 404, no gateway work).
 
@@ -35,8 +37,8 @@ clients, against the issue's aims. Prints a table, writes
 workers under the 1- and 32-client loads and prints where their time goes. Every process
 it starts is stopped on exit, error or Ctrl-C.
 
-    .venv/bin/python bench/gateway_overhead.py [--requests 2000] [--database sqlite|postgres] [--profile]
-        [--skip-litellm] [--stream-requests 500] [--stage-requests 500] [--out PATH]
+    .venv/bin/python bench/gateway_overhead.py [--requests 2000] [--rounds 4] [--database sqlite|postgres|both]
+        [--profile] [--skip-litellm] [--stream-requests 500] [--stage-requests 500] [--out PATH]
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import loadgen
 import profiling
-from cpu import CpuMeter, wait_for_quiet
+from cpu import CpuMeter, merged_meters, wait_for_quiet
 from gateway_stack import (
     FLOOR_PATH,
     LITELLM_INSTALL,
@@ -108,18 +110,28 @@ STAGES_KEYS = (
 # ---------------------------------------------------------------- measurement
 
 
-def measure(stack: GatewayStack, target: Target, clients: int, args: argparse.Namespace, stream: bool) -> dict:
-    """Warm up, then the case's calls from `clients` threads, with per-process CPU metered."""
+def measure_once(
+    stack: GatewayStack, target: Target, clients: int, args: argparse.Namespace, stream: bool, n: int, warmup: int
+) -> tuple[loadgen.Outcome, CpuMeter, loadgen.Outcome, float]:
+    """One round of a case: a warm-up, then `n` calls from `clients` threads with
+    per-process CPU metered; (outcome, meter, warm-up, the machine's busy share before)."""
     load = target.load(stream)
-    n = args.stream_requests if stream else args.requests
     with Pool(target.port, clients) as pool:
         busy_before = wait_for_quiet(args.quiet_wait)
-        warm = pool.warm_up(load, args.warmup)
+        warm = pool.warm_up(load, warmup)
         with CpuMeter(stack) as meter:
             outcome = pool.run(load, n)
+    return outcome, meter, warm, busy_before
+
+
+def case_of(target: Target, clients: int, stream: bool, rounds: list[tuple]) -> dict:
+    """A case from its rounds (`measure_once`): latencies pooled, CPU summed."""
+    outcome = loadgen.merged([run[0] for run in rounds])
+    meter = merged_meters([run[1] for run in rounds])
     name = f"{target.label}, {clients} client{'s' if clients > 1 else ''}" + (", stream" if stream else "")
-    case = {"target": target.name, "clients": clients, "stream": stream} | case_summary(name, outcome, warm)
-    case["machine_busy_share_before"] = round(busy_before, 3)
+    case = {"target": target.name, "clients": clients, "stream": stream, "rounds": len(rounds)}
+    case |= case_summary(name, outcome, loadgen.merged([run[2] for run in rounds]))
+    case["machine_busy_share_before"] = round(max(run[3] for run in rounds), 3)
     case.update(meter.report(len(outcome.timings)))
     own = [v for k, v in case["cpu_ms_per_request"].items() if k in target.groups]
     case["hop_cpu_ms_per_request"] = round(sum(own), 3) if target.groups else None
@@ -142,20 +154,32 @@ def add_overheads(cases: list[dict]) -> None:
 
 
 def run_cases(stack: GatewayStack, args: argparse.Namespace) -> list[dict]:
-    """Every target at each concurrency, the direct call first; then one streaming client."""
+    """Every target at each concurrency, then one streaming client; each case's calls
+    in `--rounds` rounds, the targets taking turns (direct first), so that a slow spell
+    of the machine falls on all of them alike and their ratios hold."""
     cases = []
     plan = [(clients, False) for clients in CONCURRENCIES]
     if args.stream_requests:
         plan.append((1, True))
     for clients, stream in plan:
-        for target in stack.targets():
-            if stream and not target.streams:
-                continue
-            cases.append(measure(stack, target, clients, args, stream))
+        targets = [target for target in stack.targets() if target.streams or not stream]
+        rounds: dict[str, list[tuple]] = {target.name: [] for target in targets}
+        for index, n in enumerate(round_sizes(args.stream_requests if stream else args.requests, args.rounds)):
+            for target in targets:
+                warmup = args.warmup if index == 0 else clients  # later rounds: open the connections
+                rounds[target.name].append(measure_once(stack, target, clients, args, stream, n, warmup))
+                stack.check_children()
+        for target in targets:
+            cases.append(case_of(target, clients, stream, rounds[target.name]))
             say_case(cases[-1])
-            stack.check_children()
     add_overheads(cases)
     return cases
+
+
+def round_sizes(n: int, rounds: int) -> list[int]:
+    """`n` calls in `rounds` rounds as even as can be (none empty)."""
+    rounds = max(1, min(rounds, n))
+    return [n // rounds + (1 if index < n % rounds else 0) for index in range(rounds)]
 
 
 def measure_stages(stack: GatewayStack, n: int, warmup: int) -> dict:
@@ -275,6 +299,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=100, help="warm-up requests before each case (default 100)")
     parser.add_argument(
+        "--rounds", type=int, default=4, help="each case's requests in this many rounds, the targets taking turns"
+    )
+    parser.add_argument(
         "--stage-requests", type=int, default=500, help="requests for the in-process stage timing (0: skip)"
     )
     parser.add_argument(
@@ -290,8 +317,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp data dir (logs) even on success")
     parser.add_argument("--out", type=Path, help="the JSON to write (default bench/results/gateway_overhead*.json)")
     args = parser.parse_args()
-    if args.requests < 1 or min(args.stream_requests, args.stage_requests, args.warmup) < 0:
-        parser.error("--requests must be positive, --stream-requests and --warmup not negative")
+    if args.requests < 1 or args.rounds < 1 or min(args.stream_requests, args.stage_requests, args.warmup) < 0:
+        parser.error("--requests and --rounds must be positive, --stream-requests and --warmup not negative")
     return args
 
 
@@ -339,6 +366,7 @@ def result_json(stack: GatewayStack, args: argparse.Namespace, cases: list[dict]
             "load_generator": loadgen.DESCRIPTION,
             "request": json.loads(stack.target("ours").body(False)),
             "requests_per_case": args.requests,
+            "rounds": args.rounds,
             "stream_requests": args.stream_requests,
             "warmup": args.warmup,
             "concurrencies": list(CONCURRENCIES),

@@ -114,6 +114,19 @@ class Outcome:
                 self.error_samples.append(f"{kind}: {detail[:300]}")
 
 
+def merged(outcomes: list[Outcome]) -> Outcome:
+    """Several runs of one case as one (its rounds, each run between other cases' so
+    that a slow spell of a shared machine falls on every case alike)."""
+    total = Outcome(stream=outcomes[0].stream)
+    for outcome in outcomes:
+        total.timings += outcome.timings
+        total.errors += outcome.errors
+        total.error_samples += outcome.error_samples
+        total.wall_s += outcome.wall_s
+        total.attempted += outcome.attempted
+    return total
+
+
 # ---------------------------------------------------------------- reading answers
 
 
