@@ -125,7 +125,7 @@ class BufferingThreadWorker(ThreadWorker):
 
         # With write-behind off too: it proves this process alive to the others, and
         # its writer first writes what dead ones left, then ends what they were running.
-        upstreamjobs.process_journal()
+        upstreamjobs.runner()  # says so if it cannot be made: records are then written at once
 
     def run(self) -> None:
         try:

@@ -48,14 +48,24 @@ SUFFIX = ".journal"
 
 Entry = dict[str, Any]
 Writer = Callable[[list[Entry]], None]
-Orphans = Callable[[str], Any]  # ends what the dead process of this journal name was running
+# Ends what the dead process of this journal name was running, but the jobs its lines answered.
+Orphans = Callable[[str, set[str]], Any]
+Running = Callable[[str], bool]  # whether the process of this journal name still runs calls
 
 
 class Journal:
     """One process's journal: its file, the lines not yet written, and its writer."""
 
-    def __init__(self, directory: Path, write: Writer, wait_s: float = 0.0, orphaned: Orphans | None = None) -> None:
-        self.directory, self.write, self.wait_s, self.orphaned = directory, write, wait_s, orphaned
+    def __init__(
+        self,
+        directory: Path,
+        write: Writer,
+        wait_s: float = 0.0,
+        orphaned: Orphans | None = None,
+        running: Running | None = None,
+    ) -> None:
+        self.directory, self.write, self.wait_s = directory, write, wait_s
+        self.orphaned, self.running = orphaned, running
         directory.mkdir(parents=True, exist_ok=True)
         self.name = f"{os.getpid()}-{time.time_ns()}"  # unique to this process's life
         self.path = directory / f"{self.name}{SUFFIX}"
@@ -149,7 +159,10 @@ class Journal:
             return self.changed.wait_for(lambda: not self.pending and not self.writing, timeout=timeout_s)
 
     def close(self) -> None:
-        """Write what is pending now (the process is leaving) and stop the writer."""
+        """Write what is pending now (the process is leaving) and stop the writer. The
+        file goes with it unless the process still runs calls (`running`: a graceful
+        stop's grace ran out on a long one): then it stays, locked until the process
+        exits, for the next process's recovery to end them."""
         with self.changed:
             if self.closed:
                 return
@@ -160,15 +173,28 @@ class Journal:
             if self.thread.is_alive() or self.pending or self.writing:
                 log.error("the journal writer did not finish; %s is left for the next process", self.path)
                 return
+            if self.still_running():
+                log.warning("calls still run as this process leaves; %s is left for the next process", self.path)
+                return
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             os.close(self.fd)
+
+    def still_running(self) -> bool:
+        if self.running is None:
+            return False
+        try:
+            return self.running(self.name)
+        except Exception:
+            log.exception("could not tell whether calls still run; %s is kept", self.path)
+            return True
 
 
 def recover(directory: Path, write: Writer, own: Path | None = None, orphaned: Orphans | None = None) -> int:
     """Write each journal in `directory` whose process is gone (its lock is free), then
     let `orphaned` end what that process was still running (the journal's name says
-    whose), then delete it; the lines written."""
+    whose; its lines' jobs were answered, written or not), then delete it; the lines
+    written."""
     written = 0
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         if path == own:
@@ -190,7 +216,7 @@ def recover(directory: Path, write: Writer, own: Path | None = None, orphaned: O
             if entries:
                 log.warning("wrote %d finished jobs from %s, left by a process that died", len(entries), path.name)
             if orphaned is not None:
-                orphaned(path.name.removesuffix(SUFFIX))
+                orphaned(path.name.removesuffix(SUFFIX), {str(entry.get("id")) for entry in entries})
             path.unlink()
             written += len(entries)
         except Exception:
@@ -221,13 +247,13 @@ def journal_dir() -> Path:
     return settings.LLM_CONFIG.server.data_dir / "journal"
 
 
-def journal(write: Writer, orphaned: Orphans | None = None) -> Journal:
+def journal(write: Writer, orphaned: Orphans | None = None, running: Running | None = None) -> Journal:
     """This process's journal, started on first use (after a fork: its own)."""
     global _journal, _journal_pid
     with _journal_lock:
         if _journal is None or _journal_pid != os.getpid():
             server = settings.LLM_CONFIG.server
-            _journal = Journal(journal_dir(), write, server.write_behind_wait_ms / 1000, orphaned)
+            _journal = Journal(journal_dir(), write, server.write_behind_wait_ms / 1000, orphaned, running)
             _journal_pid = os.getpid()
             atexit.register(_journal.close)
         return _journal

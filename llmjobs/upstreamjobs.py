@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -45,10 +46,11 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # the estimate, when a provider reports no usage
 GATEWAY_LOST = "gateway_lost"
 GATEWAY_LOST_MESSAGE = (
-    "The web process forwarding this call to its provider stopped (killed, out of memory) before the "
-    "answer was recorded; the call was not charged."
+    "The web process forwarding this call to its provider stopped (killed, out of memory, or past its "
+    "graceful stop's grace) before the answer was recorded; the call was not charged."
 )
 HOST = socket.gethostname()
+RUNNER_PREFIX = "web@"
 
 
 def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobRequest) -> Job:
@@ -70,30 +72,66 @@ def open_upstream(presented: PresentedKey, route: UpstreamRoute, request: JobReq
 
 def process_journal() -> journal.Journal:
     """This process's journal: its upstream calls' records (write-behind) and the proof
-    that it lives, whose name its running jobs carry."""
-    return journal.journal(write_finishes, end_orphans)
+    that it lives, whose name its running jobs carry. OSError when it cannot be made."""
+    return journal.journal(write_finishes, end_orphans, runs_calls)
 
 
 def runner() -> str:
-    """The `worker` of the upstream jobs this process runs."""
-    return runner_name(process_journal().name)
+    """The `worker` of the upstream jobs this process runs ("" without a journal: then
+    its calls work, and a death mid-call leaves them `running`, as it would anyway)."""
+    try:
+        return runner_name(process_journal().name)
+    except OSError as exc:
+        if not said_no_journal:
+            log.error("no journal in %s (%s): a death mid-call leaves its jobs running", journal.journal_dir(), exc)
+            said_no_journal.append(str(exc))
+        return ""
+
+
+said_no_journal: list[str] = []  # once per process
 
 
 def runner_name(journal_name: str) -> str:
-    """Its host and its journal's name (unique to its life): readable to an operator,
-    and what a recovery on the same host finds its jobs by."""
-    return f"web@{HOST}/{journal_name}"
+    """Its host (for an operator) and its journal's name, unique to its life: what a
+    recovery finds its jobs by, whatever the recovering host's name."""
+    return f"{RUNNER_PREFIX}{HOST}/{journal_name}"
 
 
-def end_orphans(journal_name: str) -> int:
-    """Fail, refunded, the upstream jobs that the dead process of this journal was
-    still running (its answered ones are written by then): nobody is left to finish
-    them. How many it ended. The (queue, status) index finds them: an upstream job has
-    no queue."""
-    running = Job.objects.filter(queue="", status=Job.Status.RUNNING, worker=runner_name(journal_name))
+def jobs_running_in(journal_name: str):
+    """The upstream jobs still running in the process of this journal. The (queue,
+    status) index finds them: an upstream job has no queue."""
+    running = Job.objects.filter(queue="", status=Job.Status.RUNNING, worker__startswith=RUNNER_PREFIX)
+    return running.filter(worker__endswith=f"/{journal_name}")
+
+
+def runs_calls(journal_name: str) -> bool:
+    """Whether this journal's process has upstream calls running (as it leaves)."""
+    try:
+        return jobs_running_in(journal_name).exists()
+    finally:
+        release_db_connection()
+
+
+def end_orphans(journal_name: str, answered: Collection[str] = ()) -> int:
+    """Fail, refunded, the upstream jobs the dead process of this journal was still
+    running: nobody is left to finish them. Its journal's lines are written by then;
+    a job one of them answered (`answered`) is never refunded, even if its line could
+    not be written. How many it ended. A job that cannot be ended for anything but
+    the database being away is logged and left, so that it holds up no other."""
+    close_old_connections()  # the writer's thread keeps its connection between batches
     ended = 0
-    for job_id in running.values_list("id", flat=True):
-        ended += fail(job_id, GATEWAY_LOST, GATEWAY_LOST_MESSAGE, only_status=Job.Status.RUNNING)
+    try:
+        for job_id in jobs_running_in(journal_name).values_list("id", flat=True):
+            if str(job_id) in answered:
+                continue
+            try:
+                ended += fail(job_id, GATEWAY_LOST, GATEWAY_LOST_MESSAGE, only_status=Job.Status.RUNNING)
+            except (OperationalError, InterfaceError):
+                raise  # the database is away: the journal is kept and recovered again
+            except Exception:
+                log.exception("upstream job %s of a dead web process could not be ended", job_id)
+    finally:
+        release_db_connection()
     if ended:
         log.warning("failed %d upstream jobs, refunded: their web process (%s) died mid-call", ended, journal_name)
     return ended
@@ -126,7 +164,11 @@ def finish_later(
     journal before the answer goes out, and into the database with the next batch;
     the rate limits and metrics are settled now."""
     entry = journal_entry(job, text, prompt_tokens, completion_tokens, store_output, cost_usd)
-    if not process_journal().record(entry):
+    try:
+        recorded = process_journal().record(entry)
+    except OSError:  # no journal can be made: the record is written now
+        recorded = False
+    if not recorded:
         finish(job.id, text, prompt_tokens, completion_tokens, store_output=store_output, cost_usd=cost_usd)
         return
     ended = EndedJob(*(getattr(job, name) for name in EndedJob._fields))

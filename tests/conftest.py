@@ -25,7 +25,7 @@ from django.test import Client
 from apikeys.models import ApiKey
 from djangollmapi import processes
 from djangollmapi.metrics import clear_metrics_dir
-from llmjobs import events
+from llmjobs import events, journal
 from tests import leaks
 from tests.helpers import wait_until
 
@@ -114,6 +114,16 @@ def redis_server() -> Iterator[redis.Redis]:
     yield client
     if process:
         processes.stop(process)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def journal_closed_before_the_database_goes(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """This process's journal (started by the in-process tests' upstream calls) writes
+    and closes while the test database still exists: its close asks it whether calls
+    still run, and without it would keep its file for a next process."""
+    yield
+    with django_db_blocker.unblock():
+        journal.close()
 
 
 @pytest.fixture(scope="session")

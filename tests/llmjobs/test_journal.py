@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from django.db import OperationalError
 
 from apikeys.keys import parse_key
 from apikeys.models import ApiKey, BudgetUse
@@ -93,31 +94,53 @@ def test_a_dead_process_lines_are_written_before_what_it_still_ran_is_ended(tmp_
     (tmp_path / "7-7.journal").write_text('{"id": "answered"}\n')
     said: list[tuple[str, list]] = []
     writer = Recorder()
-    journal.recover(tmp_path, writer, orphaned=lambda name: said.append((name, list(writer.batches))))
-    assert said == [("7-7", [[{"id": "answered"}]])]  # its name, once its lines were written
+    orphaned = lambda name, answered: said.append((name, answered, list(writer.batches)))  # noqa: E731
+    journal.recover(tmp_path, writer, orphaned=orphaned)
+    assert said == [("7-7", {"answered"}, [[{"id": "answered"}]])]  # its name and lines, once they were written
+
+
+def test_a_journal_whose_orphans_could_not_be_ended_is_kept_for_the_next_recovery(tmp_path):
+    (tmp_path / "8-8.journal").write_text('{"id": "answered"}\n')
+
+    def database_away(name: str, answered: set[str]) -> None:
+        raise OperationalError("the database is away")
+
+    journal.recover(tmp_path, Recorder(), orphaned=database_away)
+    assert (tmp_path / "8-8.journal").exists()
+
+
+@pytest.mark.parametrize("still_running", [True, False])
+def test_a_process_leaving_with_calls_still_running_keeps_its_journal_locked(tmp_path, still_running):
+    book = journal.Journal(tmp_path, Recorder(), running=lambda name: still_running)
+    book.close()
+    assert book.path.exists() == still_running
+    if still_running:  # locked until the process exits: no recovery takes it meanwhile
+        assert journal.recover(tmp_path, Recorder(), orphaned=lambda *_: pytest.fail("it lives")) == 0
+        os.close(book.fd)
 
 
 def test_the_jobs_a_dead_process_was_running_fail_refunded_and_no_other(settings):
     api_key, _ = ApiKey.objects.issue(name="orphans")
     reserved = admission.reservation(REQUEST)
-    ApiKey.objects.filter(id=api_key.id).update(calls_used=4, tokens_used=4 * reserved)
-    dead, alive = upstreamjobs.runner_name("11-1"), upstreamjobs.runner_name("12-1")
-    orphan, answered, other = (running_job(api_key) for _ in range(3))
-    Job.objects.filter(id__in=[orphan.id, answered.id]).update(worker=dead)
+    ApiKey.objects.filter(id=api_key.id).update(calls_used=5, tokens_used=5 * reserved)
+    dead, alive = "web@renamed-host/11-1", upstreamjobs.runner_name("12-1")  # found whatever the host's name
+    orphan, answered, unwritten, other = (running_job(api_key) for _ in range(4))
+    Job.objects.filter(id__in=[orphan.id, answered.id, unwritten.id]).update(worker=dead)
     Job.objects.filter(id=other.id).update(worker=alive)
     local = admission.create_job(api_key.id, "far", REQUEST, queue="cpu-q", status=Job.Status.RUNNING)
     Job.objects.filter(id=local.id).update(worker=dead)  # a worker's job: the reaper's, not this
     upstreamjobs.write_finishes([entry(answered)])
 
-    assert upstreamjobs.end_orphans("11-1") == 1
-    assert upstreamjobs.end_orphans("11-1") == 0  # once only
+    lines = {str(answered.id), str(unwritten.id)}  # its line could not be written: answered all the same
+    assert upstreamjobs.end_orphans("11-1", lines) == 1
+    assert upstreamjobs.end_orphans("11-1", lines) == 0  # once only
     row = Job.objects.get(id=orphan.id)
     assert (row.status, row.error_code) == ("failed", upstreamjobs.GATEWAY_LOST)
-    statuses = [Job.objects.get(id=job.id).status for job in (answered, other, local)]
-    assert statuses == ["succeeded", "running", "running"]
+    statuses = [Job.objects.get(id=job.id).status for job in (answered, unwritten, other, local)]
+    assert statuses == ["succeeded", "running", "running", "running"]
     api_key.refresh_from_db()
-    assert api_key.calls_used == 3  # the orphan's call given back
-    assert api_key.tokens_used == 2 * reserved + 12  # its reservation released; the answered one settled
+    assert api_key.calls_used == 4  # the orphan's call given back
+    assert api_key.tokens_used == 3 * reserved + 12  # its reservation released; the answered one settled
     day = UsageDay.objects.get(api_key=api_key)
     assert (day.failed, day.refunded, day.succeeded) == (1, 1, 1)
 
