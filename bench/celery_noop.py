@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 
 from celery import Celery
-from cpu import CpuMeter
-from loadgen import Outcome, Timing
+from cpu import CpuMeter, merged_meters
+from loadgen import Outcome, Timing, merged
 from report import case_summary, say
 from stack import Stack, spawn_bare
 
@@ -86,6 +86,11 @@ class NoopProcesses:
 def measure(stack: Stack, n: int, warmup: int, text_chars: int) -> dict:
     """`n` round trips from one client, after `warmup`; CPU metered over the stack's
     processes and the no-op worker."""
+    return summary([measure_once(stack, n, warmup, text_chars)])
+
+
+def measure_once(stack: Stack, n: int, warmup: int, text_chars: int) -> tuple[Outcome, CpuMeter]:
+    """One round of `measure` (roundtrip.py alternates rounds of it with ours)."""
     app = app_for(stack.redis_url)
     text = ("bare celery " + "x" * text_chars)[:text_chars]
     for _ in range(warmup):
@@ -109,8 +114,15 @@ def measure(stack: Stack, n: int, warmup: int, text_chars: int) -> dict:
                 outcome.add_error("wrong result", repr(answer)[:200])
         outcome.wall_s = clock() - started
     app.close()
-    result = case_summary("bare Celery no-op round trip, 1 client", outcome) | meter.report(len(outcome.timings))
-    result["clients"] = 1
+    return outcome, meter
+
+
+def summary(rounds: list[tuple[Outcome, CpuMeter]]) -> dict:
+    """The case of one or more rounds (`measure_once`), latencies pooled, CPU summed."""
+    outcome = merged([run[0] for run in rounds])
+    result = case_summary("bare Celery no-op round trip, 1 client", outcome)
+    result |= merged_meters([run[1] for run in rounds]).report(len(outcome.timings))
+    result["clients"], result["rounds"] = 1, len(rounds)
     say(f"bare Celery no-op: p50 {result['p50_ms']:.2f} ms, {result['errors']} errors")
     return result
 

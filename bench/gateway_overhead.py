@@ -164,7 +164,7 @@ def run_cases(stack: GatewayStack, args: argparse.Namespace) -> list[dict]:
     for clients, stream in plan:
         targets = [target for target in stack.targets() if target.streams or not stream]
         rounds: dict[str, list[tuple]] = {target.name: [] for target in targets}
-        for index, n in enumerate(round_sizes(args.stream_requests if stream else args.requests, args.rounds)):
+        for index, n in enumerate(loadgen.round_sizes(args.stream_requests if stream else args.requests, args.rounds)):
             for target in targets:
                 warmup = args.warmup if index == 0 else clients  # later rounds: open the connections
                 rounds[target.name].append(measure_once(stack, target, clients, args, stream, n, warmup))
@@ -174,12 +174,6 @@ def run_cases(stack: GatewayStack, args: argparse.Namespace) -> list[dict]:
             say_case(cases[-1])
     add_overheads(cases)
     return cases
-
-
-def round_sizes(n: int, rounds: int) -> list[int]:
-    """`n` calls in `rounds` rounds as even as can be (none empty)."""
-    rounds = max(1, min(rounds, n))
-    return [n // rounds + (1 if index < n % rounds else 0) for index in range(rounds)]
 
 
 def measure_stages(stack: GatewayStack, n: int, warmup: int) -> dict:

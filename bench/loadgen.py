@@ -127,6 +127,12 @@ def merged(outcomes: list[Outcome]) -> Outcome:
     return total
 
 
+def round_sizes(n: int, rounds: int) -> list[int]:
+    """`n` calls in `rounds` rounds as even as can be (none empty)."""
+    rounds = max(1, min(rounds, n))
+    return [n // rounds + (1 if index < n % rounds else 0) for index in range(rounds)]
+
+
 # ---------------------------------------------------------------- reading answers
 
 

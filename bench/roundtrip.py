@@ -7,7 +7,9 @@ unless REDIS_URL is set, SQLite or PostgreSQL, one `cpu` Celery worker, gunicorn
 gthread 2 workers x 32 threads as `manage.py serve` does), then measures in ONE run:
 
   (a) `algorithms.echo:Echo().run(text)` in-process, N times;
-  (b) `POST /api/` from 1 client (keep-alive, `loadgen`);
+  (b) `POST /api/` from 1 client (keep-alive, `loadgen`), taking turns in `--rounds`
+      rounds (4) with its yardstick, a bare Celery no-op round trip
+      (`bench/celery_noop.py`), so that a slow spell of a shared VM falls on both;
   (c) `POST /api/` from 16 concurrent clients (a thread and a connection each);
   (d) with `--observability N`: a second stack beside the first, the same but with
       the Prometheus metrics and the daily usage rollups off (`[metrics] enabled`,
@@ -24,7 +26,7 @@ With `--profile`, afterwards runs py-spy on the gunicorn workers and the Celery
 processes during a 16-client load and summarises where the time goes. Every process it
 starts is stopped on exit, error or Ctrl-C.
 
-    .venv/bin/python bench/roundtrip.py [--requests N] [--database sqlite|postgres] [--profile]
+    .venv/bin/python bench/roundtrip.py [--requests N] [--rounds 4] [--database sqlite|postgres] [--profile]
         [--observability N]
 """
 
@@ -46,9 +48,9 @@ from pathlib import Path
 import celery_noop
 import loadgen
 import profiling
-from cpu import CpuMeter, wait_for_quiet
+from cpu import CpuMeter, merged_meters, wait_for_quiet
 from internals import JOB_TABLE, KEY_TABLE, USAGE_TABLE, as_epoch, key_prefix
-from loadgen import CallError, Load, Outcome, Pool, Reply, Timing
+from loadgen import CallError, Load, Outcome, Pool, Reply, Timing, merged, round_sizes
 from report import (
     RESULTS_DIR,
     case_summary,
@@ -176,19 +178,43 @@ def measure_in_process(n: int, chars: int) -> dict:
 def measure_http(stack: RoundtripStack, clients: int, args: argparse.Namespace, tag: str = "") -> dict:
     """Warm up, then `args.requests` POSTs from `clients` clients, CPU metered."""
     tag = tag or f"c{clients}"
+    return http_case(stack, clients, tag, [http_once(stack, clients, args, tag, args.requests, args.warmup)])
+
+
+def http_once(stack: RoundtripStack, clients: int, args: argparse.Namespace, tag: str, n: int, warmup: int) -> tuple:
+    """One round of an HTTP case: (outcome, meter, warm-up, busy share before, the
+    worker's task runtimes meanwhile)."""
     with Pool(stack.port, clients) as pool:
         idle_busy = wait_for_quiet(args.quiet_wait)
-        warm = pool.warm_up(post_load(stack, f"warm{clients}", args.text_chars), args.warmup)
+        warm = pool.warm_up(post_load(stack, f"warm{clients}", args.text_chars), warmup)
         log_offset = stack.worker_log_size()
         with CpuMeter(stack) as meter:
-            outcome = pool.run(post_load(stack, tag, args.text_chars), args.requests)
-    result = case_summary(f"POST /api/, {clients} client{'s' if clients > 1 else ''}", outcome, warm)
-    result["clients"] = clients
-    result["machine_busy_share_before"] = round(idle_busy, 3)
-    result.update(meter.report(len(outcome.timings)))
-    runtimes = stack.worker_task_runtimes(log_offset)
+            outcome = pool.run(post_load(stack, tag, args.text_chars), n)
+    return outcome, meter, warm, idle_busy, stack.worker_task_runtimes(log_offset)
+
+
+def http_case(stack: RoundtripStack, clients: int, tag: str, rounds: list[tuple]) -> dict:
+    """The case of one or more rounds (`http_once`): latencies pooled, CPU summed."""
+    outcome = merged([run[0] for run in rounds])
+    name = f"POST /api/, {clients} client{'s' if clients > 1 else ''}"
+    result = case_summary(name, outcome, merged([run[2] for run in rounds]))
+    result["clients"], result["rounds"] = clients, len(rounds)
+    result["machine_busy_share_before"] = round(max(run[3] for run in rounds), 3)
+    result.update(merged_meters([run[1] for run in rounds]).report(len(outcome.timings)))
+    runtimes = [runtime for run in rounds for runtime in run[4]]
     result["server_stages_ms"] = server_stages(stack, tag, runtimes, outcome.wall_s)
     return result
+
+
+def one_client_in_rounds(stack: RoundtripStack, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The bare Celery round trip and ours from one client, taking turns in `--rounds`
+    rounds, so that a slow spell of a shared VM falls on both: (bare case, ours)."""
+    bare, ours = [], []
+    for index, n in enumerate(round_sizes(args.requests, args.rounds)):
+        warmup = args.warmup if index == 0 else 1
+        bare.append(celery_noop.measure_once(stack, n, warmup, args.text_chars))
+        ours.append(http_once(stack, 1, args, "c1", n, warmup))
+    return celery_noop.summary(bare), http_case(stack, 1, "c1", ours)
 
 
 def server_stages(stack: RoundtripStack, tag: str, task_runtimes: list[float], wall_s: float) -> dict:
@@ -459,6 +485,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=50, help="warm-up requests before each HTTP case (default 50)")
     parser.add_argument("--text-chars", type=int, default=64, help="length of each echoed text (default 64)")
     parser.add_argument(
+        "--rounds", type=int, default=4, help="the bare Celery and our 1-client case take turns in this many rounds"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="afterwards, py-spy the web and worker processes under load"
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
@@ -477,8 +506,8 @@ def parse_args() -> argparse.Namespace:
         help="afterwards, N calls each to this stack and a twin with metrics + rollups off, alternating (0: skip)",
     )
     args = parser.parse_args()
-    if args.requests < 1 or args.clients < 1:
-        parser.error("--requests and --clients must be positive")
+    if args.requests < 1 or args.clients < 1 or args.rounds < 1:
+        parser.error("--requests, --clients and --rounds must be positive")
     return args
 
 
@@ -489,10 +518,10 @@ def measure_all(stack: RoundtripStack, args: argparse.Namespace) -> tuple[list[d
     say(f"in-process done: p50 {fmt_ms(cases[0]['p50_ms'])} ms")
     say("starting a bare Celery worker with a no-op task (the round trip's yardstick)")
     celery_noop.start_worker(stack)
-    cases.append(celery_noop.measure(stack, args.requests, args.warmup, args.text_chars))
-    for clients in (1, args.clients):
-        cases.append(measure_http(stack, clients, args))
-        say_case(cases[-1])
+    cases += one_client_in_rounds(stack, args)
+    say_case(cases[-1])
+    cases.append(measure_http(stack, args.clients, args))
+    say_case(cases[-1])
     if args.observability:
         cases.append({"case": "observability", "observability": measure_observability(args)})
     profile = None
@@ -512,6 +541,7 @@ def result_json(stack: RoundtripStack, args: argparse.Namespace, cases: list[dic
             "--pool threads -c 1, send_task(...).get()",
             "load_generator": loadgen.DESCRIPTION,
             "requests_per_case": args.requests,
+            "rounds_at_1_client": args.rounds,
             "clients": args.clients,
             "warmup": args.warmup,
             "text_chars": args.text_chars,
