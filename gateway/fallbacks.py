@@ -121,7 +121,7 @@ def serve(
             last_failure = refusal
         log.warning("route %s: %s failed (%s); trying the next backend", route.name, backend.name, last_failure.code)
         metrics.FALLBACKS.labels(route.name, backend_label(backend), last_failure.code).inc()
-    raise ended_without_answer(job, route, plan, last_failure, skipped)
+    raise ended_without_answer(job, route, plan, last_failure, skipped, runner)
 
 
 def admission(backend: Backend) -> breaker.Decision:
@@ -143,7 +143,12 @@ def note_try(request, job: Job) -> None:
 
 
 def ended_without_answer(
-    job: Job, route: FallbackRoute, plan: list[Backend], failure: ApiError | None, skipped: list[breaker.Decision]
+    job: Job,
+    route: FallbackRoute,
+    plan: list[Backend],
+    failure: ApiError | None,
+    skipped: list[breaker.Decision],
+    runner: str = "",
 ) -> ApiError:
     """No backend answered: the job fails with the last backend's failure (billed as
     that failure is), or, when every one was skipped, with 503 `no_backend_available`
@@ -156,7 +161,7 @@ def ended_without_answer(
             f"Every backend of the model {route.name!r} is cooling down after failures; retry in about {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-        lifecycle.next_try(job, plan[0], 0)
+        lifecycle.next_try(job, plan[0], 0, runner)
     if isinstance(failure, UpstreamFailure):
         proxy.fail(job, failure)
     else:

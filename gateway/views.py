@@ -21,7 +21,7 @@ from djangollmapi.routes import FallbackRoute, LocalRoute, Route, UpstreamRoute,
 from gateway import cache, fallbacks, openapi, proxy
 from gateway.protocol import forwarded, requests, responses
 from gateway.streaming import client_gone_probe, generation_stream, sse_response
-from llmjobs import lifecycle
+from llmjobs import lifecycle, upstreamjobs
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 
@@ -100,7 +100,8 @@ def cached_answer(request, route: Route, call: Any, slot: cache.Slot, hit: dict[
         text, usage = hit["result"].get("text", ""), cache.usage_of(hit["result"])
     else:
         text, usage = proxy.answer_text(hit["body"]), tuple(hit.get("usage") or (0, 0))
-    job = lifecycle.record_cached(request.auth.presented, route.name, call, text, usage, slot.hits_count)
+    presented = request.auth.presented
+    job = lifecycle.record_cached(presented, route.name, call, text, usage, slot.hits_count, upstreamjobs.runner())
     note_job(request, job)
     if "result" in hit:
         body = local_body(route, call, job, hit["result"])

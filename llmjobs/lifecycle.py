@@ -633,12 +633,19 @@ def refund_job(job_id: Any) -> bool:
 
 
 def record_cached(
-    presented: PresentedKey, model: str, request: JobRequest, text: str, usage: tuple[int, int], counted: bool
+    presented: PresentedKey,
+    model: str,
+    request: JobRequest,
+    text: str,
+    usage: tuple[int, int],
+    counted: bool,
+    runner: str = "",
 ) -> Job:
     """A call answered from the response cache: admitted and recorded like any call
-    (backend `cache`), ended at once with the cached answer's usage; when hits do not
-    count (`counted` False) it uses nothing and its call is given back."""
-    job, _weight = admit_job(presented, model, request, backend="cache", status=Job.Status.RUNNING)
+    (backend `cache`, run by the web process `runner`), ended at once with the cached
+    answer's usage; when hits do not count (`counted` False) it uses nothing and its
+    call is given back."""
+    job, _weight = admit_job(presented, model, request, backend="cache", status=Job.Status.RUNNING, worker=runner)
     prompt, completion = usage if counted else (0, 0)
     finish(job.id, text, prompt, completion, store_output=request.kind != Job.Kind.EMBEDDINGS)
     if not counted:

@@ -31,6 +31,7 @@ def test_an_identical_call_at_temperature_0_is_answered_from_the_cache(live, mak
     jobs = {job.backend: job for job in Job.objects.filter(api_key=key_row(key))}
     assert set(jobs) == {"local", "cache"}  # the hit never reached the worker
     assert jobs["cache"].status == Job.Status.SUCCEEDED and jobs["cache"].queue == ""
+    assert jobs["cache"].worker.startswith("web@")  # the web process that answered it
     assert again.headers["X-Request-Id"] == str(jobs["cache"].id)
     row = key_row(key)
     assert row.calls_used == 2 and row.tokens_used == 2 * first.json()["usage"]["total_tokens"]  # hits count
