@@ -29,7 +29,7 @@ from djangollmapi.routes import Backend, FallbackRoute, LocalRoute, UpstreamRout
 from gateway import breaker, proxy
 from gateway.protocol import forwarded, requests
 from gateway.upstream import UpstreamFailure
-from llmjobs import lifecycle, upstreamjobs
+from llmjobs import lifecycle, sending, upstreamjobs
 from llmjobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def serve(
     takes the job (a local one)."""
     plan = [backend for backend in route.plan(rng) if backend.name in routed.calls]
     runner = upstreamjobs.runner()  # this process, for its upstream tries
-    job = lifecycle.open_routed(request.auth.presented, route, routed, plan[0], runner)
+    job = sending.open_routed(request.auth.presented, route, routed, plan[0], runner)
     note_job(request, job)
     tries, last_failure, skipped = 0, None, []
     for backend in plan:
@@ -104,13 +104,13 @@ def serve(
             metrics.BACKEND_SKIPS.labels(route.name, backend_label(backend), decision.reason).inc()
             continue
         tries += 1
-        if not (tries == 1 and backend is plan[0]) and not lifecycle.next_try(job, backend, tries, runner):
+        if not (tries == 1 and backend is plan[0]) and not sending.next_try(job, backend, tries, runner):
             raise ApiError(503, "job_ended", "The call ended while it was being handed on.")
         note_try(request, job)
         call = routed.calls[backend.name]
         try:
             if isinstance(backend, LocalRoute):
-                lifecycle.enqueue(job, backend, call.payload(), weight=job.key_weight, fail_refused=False)
+                sending.enqueue(job, backend, call.payload(), weight=job.key_weight, fail_refused=False)
                 return LocalTaken(backend, call, job)
             return proxy.answer_upstream(request, job, backend, call, last=False)
         except UpstreamFailure as failure:
@@ -161,7 +161,7 @@ def ended_without_answer(
             f"Every backend of the model {route.name!r} is cooling down after failures; retry in about {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-        lifecycle.next_try(job, plan[0], 0, runner)
+        sending.next_try(job, plan[0], 0, runner)
     if isinstance(failure, UpstreamFailure):
         proxy.fail(job, failure)
     else:

@@ -21,7 +21,7 @@ from djangollmapi.routes import FallbackRoute, LocalRoute, Route, UpstreamRoute,
 from gateway import cache, fallbacks, openapi, proxy
 from gateway.protocol import forwarded, requests, responses
 from gateway.streaming import client_gone_probe, generation_stream, sse_response
-from llmjobs import lifecycle, upstreamjobs
+from llmjobs import lifecycle, sending, upstreamjobs
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 
@@ -52,7 +52,7 @@ def routed_call(request, kind: Job.Kind) -> tuple[Route, Any]:
 
 
 def submit(request, route: LocalRoute, call: Any) -> Job:
-    job = lifecycle.submit(request.auth.presented, route, call)
+    job = sending.submit(request.auth.presented, route, call)
     note_job(request, job)
     return job
 

@@ -22,7 +22,7 @@ from algorithms.capabilities import Capabilities, capabilities_of
 from algorithms.loader import build_algorithm
 from djangollmapi import metrics
 from djangollmapi.celery import consuming
-from llmjobs import events, lifecycle
+from llmjobs import events, lifecycle, sending
 from llmjobs.device import DeviceLoop, Watchdog
 from llmjobs.engine import JOB_FAILED_MESSAGE, Ticket
 from llmjobs.jobkinds import ModelUnavailable
@@ -53,7 +53,7 @@ def get_algorithm(name: str) -> Capabilities:
         if name in _loaded:
             return _loaded[name]
         failure = _load_failures.get(name)
-        if failure is not None and time.monotonic() - failure[0] < lifecycle.MODEL_RELOAD_AFTER_S:
+        if failure is not None and time.monotonic() - failure[0] < sending.MODEL_RELOAD_AFTER_S:
             raise ModelUnavailable(failure[1])
         deployment = settings.LLM_CONFIG.deployment(name)
         if deployment is None:

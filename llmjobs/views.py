@@ -13,7 +13,7 @@ from apikeys.authentication import key_errors_first
 from apikeys.views import CallView, KeyView
 from djangollmapi.middleware import note_job
 from djangollmapi.routes import LocalRoute, route_local_model
-from llmjobs import lifecycle, openapi, selectors, usage
+from llmjobs import openapi, selectors, sending, usage
 from llmjobs.follow import wait_for_output
 from llmjobs.models import Job
 from llmjobs.validation import parse_run_request
@@ -26,7 +26,7 @@ def submit_run(request) -> tuple[Job, LocalRoute]:
     with key_errors_first(request.auth):
         run = parse_run_request(request.data, config.server.max_input_chars)
         route = route_local_model(run.model or "")
-    job = lifecycle.submit(request.auth.presented, route, run)
+    job = sending.submit(request.auth.presented, route, run)
     note_job(request, job)
     return job, route
 

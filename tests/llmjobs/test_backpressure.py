@@ -8,9 +8,9 @@ import json
 import pytest
 
 from llmjobs import events
-from llmjobs.lifecycle import queue_drain_s
 from llmjobs.models import Job
 from llmjobs.routing import device_queue_name
+from llmjobs.sending import queue_drain_s
 from tests.helpers import error_of, key_row
 
 pytestmark = pytest.mark.django_db(transaction=True)
