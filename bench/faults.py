@@ -65,7 +65,7 @@ from pathlib import Path
 import loadgen
 from cpu import CpuMeter, wait_for_quiet
 from gateway_stack import FLOOR_PATH
-from loadgen import Load, Outcome, Pool
+from loadgen import Load, Pool
 from report import (
     DEFAULT_VERSIONED,
     RESULTS_DIR,
@@ -367,23 +367,11 @@ def wait_for_answer(stack: Stack) -> float | None:
     return None
 
 
-def merged(outcomes: list[Outcome]) -> Outcome:
-    """The rounds of one mode as one run: calls, errors and wall time added up."""
-    total = Outcome()
-    for outcome in outcomes:
-        total.timings += outcome.timings
-        total.errors += outcome.errors
-        total.error_samples += outcome.error_samples
-        total.wall_s += outcome.wall_s
-        total.attempted += outcome.attempted
-    return total
-
-
 def calls_case(server: str, mode: str, rounds: list[dict], args: argparse.Namespace) -> dict:
     """The case dict of one server and mode over its rounds; 0 req/s when none succeeded."""
     mine = [r for r in rounds if r["mode"] == mode]
     slow = f", {args.slow} slow sockets open" if mode == WITH else ""
-    outcome = merged([r["outcome"] for r in mine])
+    outcome = loadgen.merged([r["outcome"] for r in mine])
     case = case_summary(f"{server}: POST /api/, {args.clients} clients{slow}", outcome)
     if not case["ok"] and outcome.wall_s > 0:
         case["requests_per_s"] = 0.0

@@ -117,7 +117,7 @@ class Outcome:
 def merged(outcomes: list[Outcome]) -> Outcome:
     """Several runs of one case as one (its rounds, each run between other cases' so
     that a slow spell of a shared machine falls on every case alike)."""
-    total = Outcome(stream=outcomes[0].stream)
+    total = Outcome(stream=bool(outcomes) and outcomes[0].stream)
     for outcome in outcomes:
         total.timings += outcome.timings
         total.errors += outcome.errors

@@ -27,8 +27,6 @@ from llmjobs.routing import QueueState, choose_replica, device_queue_name
 
 log = logging.getLogger(__name__)
 
-RUN_TASK = taskmessage.RUN_TASK
-
 
 def submit(presented: PresentedKey, route: LocalRoute, request: JobRequest) -> Job:
     """Choose the job's device queue, take the call and record the job in one

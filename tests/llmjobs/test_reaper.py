@@ -24,7 +24,7 @@ from django.utils import timezone
 from apikeys.models import ApiKey
 from djangollmapi import processes
 from djangollmapi.celery import app as celery_app
-from llmjobs import admission, events, lifecycle, reaper, sending
+from llmjobs import admission, events, lifecycle, reaper, taskmessage
 from llmjobs.models import Job, UsageDay
 from llmjobs.reaper import ActiveJob, Sightings, judge
 from llmjobs.routing import device_queue_name
@@ -159,7 +159,7 @@ def sweep_twice() -> list[reaper.Lost]:
 
 def send_message(job_id: str) -> None:
     """The job's message, sent to its queue as `sending.enqueue` sends it."""
-    celery_app.send_task(sending.RUN_TASK, args=(job_id, TEST_MODEL, "run", "hi"), task_id=job_id, queue=TEST_QUEUE)
+    celery_app.send_task(taskmessage.RUN_TASK, args=(job_id, TEST_MODEL, "run", "hi"), task_id=job_id, queue=TEST_QUEUE)
 
 
 def test_a_queued_job_nothing_holds_is_failed_and_refunded_once(charged):
