@@ -265,6 +265,38 @@ def finish_in_transaction(done: Success, durable: bool = False) -> EndedJob | No
     return job
 
 
+def finish_all_in_transaction(successes: list[Success], durable: bool = False) -> list[EndedJob | None]:
+    """`finish_in_transaction` for a batch (a journal's, on SQLite), in one transaction:
+    each job's claim, then, for those without period budgets, one settlement per key
+    and one rollup per key, model and day, summed over the batch. n answers of one key
+    cost n + 2 statements instead of 5n (each claim's savepoint included); what each
+    key and day gains is the same sum. Each job's ended row, or None (not active)."""
+    ended: list[EndedJob | None] = []
+    settled: dict[int, int] = {}
+    days: dict[tuple[int, str, Any], tuple[Any, rollups.Counts]] = {}
+    with transaction.atomic(), connection.cursor() as cursor:
+        for done in successes:
+            row = claim_finish(cursor, done.params, durable)
+            job = None if row is None else EndedJob(*row)
+            ended.append(job)
+            if job is None or job.api_key_id is None:
+                continue
+            counts = success_counts(done.values, job.input_chars)
+            if job.budgeted:  # its periods settle between its key and its rollup, as alone
+                run_together(cursor, [settle_statement(job.api_key_id, done.used - job.tokens_reserved)])
+                settle_budgets(job, used=done.used, spend=done.values["cost_usd"], device_s=done.values["device_s"])
+                run_together(cursor, [rollups.add_statement(job.api_key_id, job.model, job.created_at, counts)])
+                continue
+            settled[job.api_key_id] = settled.get(job.api_key_id, 0) + done.used - job.tokens_reserved
+            day = (job.api_key_id, job.model, rollups.usage_day(job.created_at))
+            at, before = days.get(day, (job.created_at, None))
+            days[day] = (at, counts if before is None else rollups.summed(before, counts))
+        run_together(cursor, [settle_statement(key_id, delta) for key_id, delta in sorted(settled.items())])
+        rollup = [rollups.add_statement(key, model, at, counts) for (key, model, _), (at, counts) in days.items()]
+        run_together(cursor, rollup)
+    return ended
+
+
 def claim_finish(cursor: Any, params: list[Any], durable: bool = False) -> tuple | None:
     """The once-only claim of a job's success: its conditional UPDATE ... RETURNING, the
     ended row or None. On PostgreSQL it goes in one round trip with the transaction's

@@ -54,6 +54,11 @@ def ended(status: str, *, refunded: bool = False, **counts: Any) -> Counts:
     return Counts(requests=1, refunded=int(refunded), **{str(status): 1}, **counts)
 
 
+def summed(first: Counts, second: Counts) -> Counts:
+    """What two jobs add to one day together."""
+    return Counts(**{column: getattr(first, column) + getattr(second, column) for column in COLUMNS})
+
+
 def add(key_id: int | None, model: str, created_at: datetime | str, counts: Counts, cursor: Any = None) -> None:
     """Add `counts` to the key's row for the day `created_at` falls on (inside the
     caller's transaction, on its `cursor` if it has one open). A job whose key was

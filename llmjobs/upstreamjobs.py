@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 from django.utils import timezone
 
 from apikeys.keys import PresentedKey
@@ -33,6 +33,7 @@ from llmjobs.lifecycle import (
     count_ending,
     fail,
     finish,
+    finish_all_in_transaction,
     finish_in_transaction,
     record_cancelled,
     release_db_connection,
@@ -232,9 +233,7 @@ def write_batch(successes: list[Success]) -> None:
         for done in successes:  # each its own transaction: no key's row held across round trips
             finish_in_transaction(done, durable=True)
         return
-    with transaction.atomic():  # SQLite: one write lock, one commit for the batch
-        for done in successes:
-            finish_in_transaction(done, durable=True)
+    finish_all_in_transaction(successes, durable=True)  # SQLite: one write lock, one commit
 
 
 def success_of(entry: dict[str, Any]) -> Success:

@@ -75,7 +75,7 @@ class ServerConfig(Section):
     # answer goes out. wait_ms: how long the writer gathers a batch (0: only what came
     # in while it wrote the last one).
     write_behind: bool = True
-    write_behind_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    write_behind_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     # Behind TLS (nginx): secure cookies, redirect http to https, optional HSTS.
     https: bool = False
     hsts_seconds: Annotated[int, Field(ge=0)] = 0

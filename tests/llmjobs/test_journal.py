@@ -177,6 +177,39 @@ def test_a_batch_writes_every_job_settles_a_budgeted_one_and_skips_one_ended_mea
     assert (use.calls, use.tokens) == (1, 12)  # its reservation replaced by what it used
 
 
+def test_a_batch_in_one_transaction_sums_each_key_and_day_as_its_jobs_one_by_one_would():
+    keys = [ApiKey.objects.issue(name=f"summed {i}")[0] for i in range(3)]
+    by_one, summed, other = keys
+    reserved = admission.reservation(REQUEST)
+    for api_key, calls in ((by_one, 4), (summed, 4), (other, 5)):  # what their jobs took
+        ApiKey.objects.filter(id=api_key.id).update(calls_used=calls, tokens_used=calls * reserved)
+    usage = [(5, 7), (1, 2), (30, 40), (0, 1)]
+    made = {api_key.id: [running_job(api_key) for _ in usage] for api_key in keys}
+    other_model = admission.create_job(other.id, "near", REQUEST, backend="prov", status=Job.Status.RUNNING)
+    for job, (prompt, completion) in zip(made[by_one.id], usage, strict=True):
+        upstreamjobs.write_batch([upstreamjobs.success_of(entry(job, prompt, completion))])
+    lifecycle.fail(made[summed.id][3].id, "upstream_error", "it ended before its batch")
+    lines = [entry(job, *counts) for key in (summed, other) for job, counts in zip(made[key.id], usage, strict=True)]
+    lines.append(entry(other_model, 9, 9))
+    ended = lifecycle.finish_all_in_transaction([upstreamjobs.success_of(line) for line in lines])
+    assert [job is None for job in ended] == [False, False, False, True] + [False] * 5
+    for api_key in keys:
+        api_key.refresh_from_db()
+    assert by_one.tokens_used == sum(p + c for p, c in usage)
+    assert summed.tokens_used == sum(p + c for p, c in usage[:3])  # the failed one's reservation released
+    assert other.tokens_used == sum(p + c for p, c in usage) + 18
+    rollup = {(day.api_key_id, day.model): day for day in UsageDay.objects.filter(api_key__in=keys)}
+    one, two = rollup[(by_one.id, "far")], rollup[(other.id, "far")]
+    fields = ("requests", "succeeded", "prompt_tokens", "completion_tokens", "output_chars", "input_chars", "cost_usd")
+    assert [getattr(one, name) for name in fields] == [getattr(two, name) for name in fields]
+    assert (one.succeeded, one.prompt_tokens, one.completion_tokens) == (4, 36, 50)
+    assert rollup[(summed.id, "far")].succeeded == 3
+    assert (rollup[(other.id, "near")].succeeded, rollup[(other.id, "near")].prompt_tokens) == (1, 9)
+    assert lifecycle.finish_all_in_transaction([upstreamjobs.success_of(line) for line in lines]) == [None] * 9
+    other.refresh_from_db()
+    assert other.tokens_used == sum(p + c for p, c in usage) + 18  # written twice, settled once
+
+
 def test_the_journal_of_this_process_is_written_by_its_writer(settings, tmp_path: Path):
     api_key, _ = ApiKey.objects.issue(name="writer")
     job = running_job(api_key)
