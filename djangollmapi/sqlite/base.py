@@ -7,7 +7,7 @@ so under load the unlucky ones sleep past many commits that were quick: a long p
 tail while the database sat idle between sleeps. Here every write transaction first
 takes a lock of its own: a first-come first-served lock between the threads of a
 process, then `flock` on a file beside the database between processes (web workers,
-device workers, commands), retried every 0.5-2 ms, so a waiter goes in about when the
+device workers, commands), retried every 0.1-0.5 ms, so a waiter goes in about when the
 holder lets go. SQLite's own lock is then free whenever it is asked for. Both waits
 give up after the database's `timeout` as SQLite would ("database is locked").
 
@@ -31,6 +31,12 @@ from django.db import OperationalError
 from django.db.backends.sqlite3 import base
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+# How a process waiting for another's writer polls `flock`: first after this pause,
+# doubling to at most the second. A holder lets go every few tenths of a millisecond,
+# and a process that sleeps past that leaves its threads stalled (and a core idle)
+# while the other takes the lock back again and again (bench/sqlite_writers.py
+# compares these polls with the 0.5-2 ms ones they replaced).
+FLOCK_PAUSE_S = (0.0001, 0.0005)
 
 
 class FifoLock:
@@ -89,10 +95,11 @@ class WriterLock:
             raise
 
     def lock_file(self, deadline: float) -> None:
-        """`flock`, retried every 0.5-2 ms (SQLite's busy handler sleeps up to 100 ms),
-        and given up at the deadline as SQLite would (flock itself has no timeout).
-        Only one thread of a process waits here: the others wait in `threads`."""
-        pause = 0.0005
+        """`flock`, retried every 0.1-0.5 ms (`FLOCK_PAUSE_S`; SQLite's busy handler
+        sleeps up to 100 ms), and given up at the deadline as SQLite would (flock itself
+        has no timeout). Only one thread of a process waits here: the others wait in
+        `threads`, so the polls cost one syscall pair a tenth of a millisecond at most."""
+        pause, longest = FLOCK_PAUSE_S
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +108,7 @@ class WriterLock:
                 if time.monotonic() >= deadline:
                     raise OperationalError("database is locked (waited for another process's writer)") from None
                 time.sleep(pause)
-                pause = min(pause * 2, 0.002)
+                pause = min(pause * 2, longest)
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
